@@ -1,0 +1,18 @@
+"""lit_compress: neural-network compression for PyTorch Lightning.
+
+Importing the package stays cheap: subpackages (``models``, ``data``, ``measure``, ``zoo``) load on use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {"models", "data", "measure", "zoo", "cli"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lit_compress.{name}")
+    raise AttributeError(f"module 'lit_compress' has no attribute {name!r}")

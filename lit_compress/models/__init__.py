@@ -1,0 +1,30 @@
+"""Reference networks (registered by name), the timm bridge and the generic ImageClassifier."""
+
+from lit_compress.models import cifarnet, lenet, mlp, resnet_cifar  # noqa: F401  (register builders)
+from lit_compress.models.cifarnet import CifarNet
+from lit_compress.models.lenet import LeNet5, LeNet300100
+from lit_compress.models.mlp import MLP
+from lit_compress.models.registry import TIMM_PREFIX, create_model, list_models, register_model
+from lit_compress.models.resnet_cifar import CifarResNet
+
+__all__ = [
+    "MLP",
+    "TIMM_PREFIX",
+    "CifarNet",
+    "CifarResNet",
+    "ImageClassifier",
+    "LeNet5",
+    "LeNet300100",
+    "create_model",
+    "list_models",
+    "register_model",
+]
+
+
+def __getattr__(name: str):
+    # ImageClassifier imports Lightning; keep `import lit_compress.models` cheap for zoo-only users.
+    if name == "ImageClassifier":
+        from lit_compress.models.classifier import ImageClassifier
+
+        return ImageClassifier
+    raise AttributeError(f"module 'lit_compress.models' has no attribute {name!r}")

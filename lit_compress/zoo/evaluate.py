@@ -1,0 +1,40 @@
+"""The zoo's one evaluation routine: top-1 and error count on a dataset's official test split.
+
+Export and verify both call :func:`evaluate_on`, so a card's numbers and their re-measurement come from
+the same code (same preprocessing as the datamodules: ``lit_compress.data.normalize``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_compress.zoo.card import Metrics
+
+
+@torch.inference_mode()
+def evaluate_on(
+    model: nn.Module,
+    dataset: str,
+    split: str = "test",
+    data_dir: str | Path | None = None,
+    batch_size: int = 1000,
+) -> Metrics:
+    from lit_compress.data import load_split, normalize
+
+    images, labels = load_split(dataset, split, data_dir=data_dir)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    errors = 0
+    try:
+        for start in range(0, len(labels), batch_size):
+            x = normalize(images[start : start + batch_size], dataset).to(device)
+            predicted = model(x).argmax(dim=1).cpu()
+            errors += int((predicted != labels[start : start + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    n = len(labels)
+    return Metrics(top1=(n - errors) / n, errors=errors, num_examples=n)

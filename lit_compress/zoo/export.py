@@ -1,0 +1,192 @@
+"""``zoo.export``: measure a trained model and write it as a zoo entry, atomically.
+
+The entry is assembled in a hidden staging folder (``<zoo>/.staging-<name>-*``) and renamed into place
+only when complete, so a crash never leaves a half-written entry where the registry looks.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lit_compress.zoo.card import (
+    Architecture,
+    Bytes,
+    Card,
+    Compression,
+    DatasetRef,
+    FileEntry,
+    Macs,
+    Params,
+    Recipe,
+    Versions,
+)
+from lit_compress.zoo.evaluate import evaluate_on
+from lit_compress.zoo.registry import CARD_FILE, zoo_dir
+from lit_compress.zoo.storage import atomic_write_bytes, default_mode, get_codec, sha256_bytes, sha256_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def measure_entry(model: nn.Module, input_shape: list[int]) -> tuple[Params, Macs, dict[str, dict[str, Any]]]:
+    """Parameter counts, per-example MACs and per-layer sparsity of ``model`` (the card's numbers)."""
+    from lit_compress.measure import count_macs, count_params
+
+    counts = count_params(model)
+    macs = count_macs(model, input_shape=input_shape)
+    layers = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() > 1:
+            nonzero = int(weight.count_nonzero())
+            layers[name] = {
+                "params": weight.numel(),
+                "nonzero": nonzero,
+                "sparsity": round(1 - nonzero / weight.numel(), 6),
+            }
+    return (
+        Params(dense=counts.total, nonzero=counts.nonzero),
+        Macs(dense=round(macs.dense), effective=round(macs.effective)),
+        layers,
+    )
+
+
+def recipe_ref(recipe: str | Path | None, command: str | None = None) -> Recipe:
+    """Card reference to the config that produced an entry: repo-relative path + sha256."""
+    if recipe is None:
+        return Recipe(path="", sha256="", command=command or "")
+    path = Path(recipe).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"recipe {str(recipe)!r} does not exist; pass the YAML config that trained the model"
+        )
+    try:
+        rel = path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        rel = path.name
+    return Recipe(path=rel, sha256=sha256_file(path), command=command or f"lit-compress fit --config {rel}")
+
+
+def versions() -> Versions:
+    import lightning
+    import torch
+
+    import lit_compress
+
+    return Versions(
+        lit_compress=lit_compress.__version__,
+        torch=torch.__version__,
+        lightning=lightning.__version__,
+        python=platform.python_version(),
+    )
+
+
+def export(
+    model: nn.Module,
+    *,
+    name: str,
+    architecture: str,
+    architecture_kwargs: dict[str, Any] | None = None,
+    dataset: str,
+    recipe: str | Path | None,
+    recipe_command: str | None = None,
+    methods: list[str] | None = None,
+    bits: int = 32,
+    compression_description: str = "",
+    gating: dict[str, Any] | None = None,
+    structure: dict[str, Any] | None = None,
+    license: str = "Apache-2.0",
+    paper: str = "",
+    training: dict[str, Any] | None = None,
+    notes: str = "",
+    codec: str = "safetensors",
+    zoo: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Card:
+    """Evaluate ``model`` on ``dataset``'s official test set, measure it, and write the zoo entry ``name``.
+
+    Returns the sealed card. Every number on it comes from this function's measurements.
+    """
+    from lit_compress.data import DATASETS
+
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; zoo entries are measured on one of {sorted(DATASETS)}"
+        )
+    model = model.cpu().eval()
+    input_shape = list(DATASETS[dataset].image_shape)
+    metrics = evaluate_on(model, dataset, "test", data_dir=data_dir)
+    params, macs, layers = measure_entry(model, input_shape)
+    chosen = get_codec(codec)
+    weights_name = "model" + chosen.suffix
+    blob = chosen.encode(dict(model.state_dict()), metadata={"name": name, "format": codec})
+    card = Card(
+        name=name,
+        architecture=Architecture(name=architecture, kwargs=dict(architecture_kwargs or {})),
+        structure=structure,
+        dataset=DatasetRef(
+            name=dataset, split="test", num_examples=metrics.num_examples, input_shape=input_shape
+        ),
+        compression=Compression(
+            methods=list(methods or []),
+            bits=bits,
+            layers=layers,
+            gating=gating,
+            description=compression_description,
+        ),
+        metrics=metrics,
+        params=params,
+        macs=macs,
+        bytes=Bytes(fp32=4 * params.dense, file=len(blob)),
+        recipe=recipe_ref(recipe, recipe_command),
+        versions=versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        files=[FileEntry(path=weights_name, format=codec, sha256=sha256_bytes(blob), bytes=len(blob))],
+        license=license,
+        paper=paper,
+        training=dict(training or {}),
+        notes=notes,
+    ).seal()
+    Card.from_dict(card.to_dict(), source=f"card {name!r}")  # validate before anything is written
+    write_entry(card, {weights_name: blob}, zoo=zoo, overwrite=overwrite)
+    return card
+
+
+def write_entry(
+    card: Card, blobs: dict[str, bytes], zoo: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write card + files into a staging folder, then rename it to ``<zoo>/<name>`` in one step."""
+    root = zoo_dir(zoo)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / card.name
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"zoo entry {card.name!r} already exists at {final}; pass overwrite=True (CLI: --overwrite) "
+            "to replace it, or choose another tag."
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{card.name}-", dir=root))
+    try:
+        staging.chmod(default_mode(directory=True))
+        for rel, data in blobs.items():
+            atomic_write_bytes(staging / rel, data)
+        atomic_write_bytes(staging / CARD_FILE, card.to_json().encode())
+        if final.exists():
+            # Two renames: the old entry moves aside (hidden) before the new one takes its name.
+            retired = Path(tempfile.mkdtemp(prefix=f".retired-{card.name}-", dir=root))
+            os.rename(final, retired / card.name)
+            os.rename(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,190 @@
+"""Zoo entries from Lightning runs: the ``ZooExport`` callback and ``zoo export --checkpoint``."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_compress._flavour import lightning_callback
+from lit_compress.zoo.card import Card
+from lit_compress.zoo.export import export
+
+
+def network_state_from_checkpoint(
+    path: str | Path, prefix: str = "net."
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The sub-network's state_dict (``prefix`` stripped) and the hyper-parameters of a Lightning checkpoint.
+
+    Loaded with ``weights_only=True``: a checkpoint carrying arbitrary pickled objects is refused.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {str(path)!r} safely (weights_only=True): {err}") from err
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
+    net_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not net_state:
+        raise ValueError(
+            f"{str(path)!r}: no weights under the prefix {prefix!r} (found e.g. {sorted(state)[:3]}); "
+            "is the network stored as a different attribute?"
+        )
+    return net_state, dict(ckpt.get("hyper_parameters") or {})
+
+
+def _architecture(hparams: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if "model" not in hparams or not isinstance(hparams["model"], str):
+        raise ValueError(
+            "cannot tell the architecture: the module's hyper-parameters have no 'model' name "
+            "(ImageClassifier records it); pass architecture explicitly"
+        )
+    return hparams["model"], dict(hparams.get("model_kwargs") or {})
+
+
+def export_checkpoint(
+    checkpoint: str | Path, *, config: str | Path, name: str, dataset: str, **export_kwargs: Any
+) -> Card:
+    """Export the network of an ``ImageClassifier`` checkpoint as zoo entry ``name``."""
+    from lit_compress.models import create_model
+
+    state, hparams = network_state_from_checkpoint(checkpoint)
+    arch, kwargs = _architecture(hparams)
+    model = create_model(arch, **kwargs)
+    model.load_state_dict(state)
+    return export(
+        model,
+        name=name,
+        architecture=arch,
+        architecture_kwargs=kwargs,
+        dataset=dataset,
+        recipe=config,
+        **export_kwargs,
+    )
+
+
+def _config_from_argv() -> str | None:
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--config", "-c"):
+            return argv[i + 1]
+    return None
+
+
+@lightning_callback
+class ZooExport:
+    """At the end of ``fit``, export the best checkpoint's network (or the final weights) to the zoo.
+
+    Numbers on the card are measured on the dataset's official test set by :func:`lit_compress.zoo.export`.
+    ``recipe`` is the YAML config of the run (default: the ``--config`` given on the command line).
+    The module must keep its network as ``model_attr`` and say which architecture it is through its
+    hyper-parameters ``model`` / ``model_kwargs`` (as :class:`~lit_compress.models.ImageClassifier` does).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        recipe: str | None = None,
+        dataset: str | None = None,
+        methods: list[str] | None = None,
+        bits: int = 32,
+        description: str = "",
+        paper: str = "",
+        license: str = "Apache-2.0",
+        notes: str = "",
+        zoo: str | None = None,
+        use_best_checkpoint: bool = True,
+        model_attr: str = "net",
+        overwrite: bool = True,
+    ):
+        super().__init__()
+        from lit_compress.zoo.card import NAME_PATTERN
+
+        if not NAME_PATTERN.match(name):
+            raise ValueError(
+                f"ZooExport(name={name!r}): expected 'arch-dataset.tag' in lower case, "
+                "e.g. 'lenet5-mnist.dense'"
+            )
+        if recipe is not None and not Path(recipe).is_file():
+            raise FileNotFoundError(
+                f"ZooExport(recipe={recipe!r}): no such file; give the path of the YAML recipe"
+            )
+        self.name, self.recipe, self.dataset = name, recipe, dataset
+        self.methods, self.bits, self.description = methods, bits, description
+        self.paper, self.license, self.notes = paper, license, notes
+        self.zoo, self.use_best_checkpoint, self.model_attr = zoo, use_best_checkpoint, model_attr
+        self.overwrite = overwrite
+        self.card: Card | None = None
+        self._start = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        wall = time.perf_counter() - self._start
+        if trainer.global_rank != 0:
+            return
+        net = getattr(pl_module, self.model_attr, None)
+        if not isinstance(net, nn.Module):
+            raise AttributeError(
+                f"ZooExport: the LightningModule has no nn.Module attribute {self.model_attr!r}"
+            )
+        arch, kwargs = _architecture(dict(pl_module.hparams))
+        model = copy.deepcopy(net).cpu()
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        best = getattr(checkpoint, "best_model_path", "") if self.use_best_checkpoint and checkpoint else ""
+        if best:
+            state, _ = network_state_from_checkpoint(best, prefix=f"{self.model_attr}.")
+            model.load_state_dict(state)
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = self.dataset or getattr(datamodule, "dataset_name", None)
+        if dataset is None:
+            raise ValueError(
+                "ZooExport: pass dataset='mnist' (the datamodule does not say which dataset it is)"
+            )
+        training = {
+            "wall_time_s": round(wall, 1),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            "weights": "best checkpoint" if best else "final",
+            "best_score": float(checkpoint.best_model_score)
+            if best and checkpoint.best_model_score is not None
+            else None,
+            "monitor": getattr(checkpoint, "monitor", None) if best else None,
+            "device": f"{trainer.strategy.root_device.type} ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads)",
+        }
+        self.card = export(
+            model,
+            name=self.name,
+            architecture=arch,
+            architecture_kwargs=kwargs,
+            dataset=dataset,
+            recipe=self.recipe or _config_from_argv(),
+            methods=self.methods,
+            bits=self.bits,
+            compression_description=self.description,
+            paper=self.paper,
+            license=self.license,
+            training=training,
+            notes=self.notes,
+            zoo=self.zoo,
+            data_dir=getattr(datamodule, "data_dir", None),
+            overwrite=self.overwrite,
+        )
+        print(
+            f"zoo entry {self.card.name}: top-1 {self.card.metrics.top1:.2%} "
+            f"({self.card.metrics.errors}/{self.card.metrics.num_examples} test errors), "
+            f"{self.card.params.nonzero:,}/{self.card.params.dense:,} nonzero params"
+        )

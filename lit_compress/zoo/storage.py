@@ -1,0 +1,138 @@
+"""Weight codecs behind one interface, sha256 helpers and atomic writes.
+
+A codec turns a state_dict into bytes and back, bit-exactly. Only ``safetensors`` exists today;
+compressed codecs (sparse, bit-packed, Huffman) register themselves with :func:`register_codec`.
+Nothing in the zoo is ever unpickled: pickle and ``torch.save`` files are refused before decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lit_compress.zoo.errors import ZooFormatError
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encodes a flat ``{name: tensor}`` mapping to bytes and decodes it back bit-exactly."""
+
+    name: str
+    suffix: str
+
+    def encode(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes: ...
+
+    def decode(self, data: bytes, source: str) -> dict[str, torch.Tensor]: ...
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> Codec:
+    if not isinstance(codec, Codec):
+        raise TypeError(f"{codec!r} does not implement the Codec protocol (name, suffix, encode, decode)")
+    _CODECS[codec.name] = codec
+    return codec
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return _CODECS[name]
+    except KeyError:
+        raise ZooFormatError(
+            f"unknown weight format {name!r}; this lit_compress reads {sorted(_CODECS)}. "
+            "Upgrade lit_compress if the entry was made by a newer version."
+        ) from None
+
+
+_PICKLE_PROTOCOL_MARK = b"\x80"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container (a zip holding a pickle)
+
+
+def refuse_pickle(data: bytes, source: str) -> None:
+    """Raise before any decoding when ``data`` looks like a pickle or a torch.save archive."""
+    if data[:1] == _PICKLE_PROTOCOL_MARK or data[:4] == _ZIP_MAGIC:
+        raise ZooFormatError(
+            f"{source}: refusing a pickle / torch.save file; the zoo only reads safetensors and "
+            "lit_compress's own codecs, never pickled data (which can execute code). Re-save the weights "
+            "with safetensors.torch.save_file(model.state_dict(), path)."
+        )
+
+
+class SafetensorsCodec:
+    """Plain safetensors: every tensor stored in its own dtype."""
+
+    name = "safetensors"
+    suffix = ".safetensors"
+
+    def encode(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+    def decode(self, data: bytes, source: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        refuse_pickle(data, source)
+        if len(data) < 8:
+            raise ZooFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file")
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len > len(data) - 8 or data[8:9] != b"{":
+            raise ZooFormatError(
+                f"{source}: not a safetensors file (header length {header_len} for a {len(data)}-byte file)"
+            )
+        try:
+            json.loads(data[8 : 8 + header_len])
+            return load(data)
+        except Exception as err:  # safetensors raises its own SafetensorError on truncation etc.
+            raise ZooFormatError(f"{source}: malformed safetensors file ({err})") from err
+
+
+register_codec(SafetensorsCodec())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open``/``mkdir`` would give under the current umask (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

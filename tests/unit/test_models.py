@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from lit_compress.models import LeNet5, LeNet300100, create_model, list_models
+
+# (kwargs, input shape) per registered model: every name must appear here.
+SHAPES = {
+    "lenet_300_100": ({}, (2, 1, 28, 28)),
+    "lenet5": ({}, (2, 1, 28, 28)),
+    "mlp": ({"hidden": [32, 16]}, (2, 1, 28, 28)),
+    "mlp_2x800": ({}, (2, 1, 28, 28)),
+    "mlp_2x1200": ({}, (2, 1, 28, 28)),
+    "resnet": ({"depth": 8, "in_chans": 1}, (2, 1, 28, 28)),
+    "resnet20": ({}, (2, 3, 32, 32)),
+    "resnet32": ({"in_chans": 1}, (2, 1, 28, 28)),
+    "resnet44": ({}, (2, 3, 32, 32)),
+    "resnet56": ({"shortcut": "B"}, (2, 3, 32, 32)),
+    "resnet110": ({"in_chans": 1}, (1, 1, 28, 28)),
+    "cifarnet": ({}, (2, 3, 32, 32)),
+}
+
+
+def test_every_registered_model_has_a_shape_test():
+    assert sorted(SHAPES) == list_models()
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_registered_model_output_shape(name):
+    kwargs, shape = SHAPES[name]
+    model = create_model(name, num_classes=7, **kwargs)
+    out = model(torch.randn(shape))
+    assert out.shape == (shape[0], 7)
+    out.sum().backward()  # every model must be trainable end to end
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_published_parameter_counts():
+    assert sum(p.numel() for p in LeNet5().parameters()) == 431_080
+    assert sum(p.numel() for p in LeNet300100().parameters()) == 266_610
+    # He et al. 2016: ResNet-20 has 0.27M parameters on CIFAR (3 input channels, option A shortcuts).
+    assert sum(p.numel() for p in create_model("resnet20").parameters()) == 269_722
+
+
+def test_lenet5_caffe_layout():
+    net = LeNet5()
+    assert (net.conv1.out_channels, net.conv2.out_channels, net.fc1.out_features) == (20, 50, 500)
+    assert net.fc1.in_features == 800
+    assert LeNet5(img_size=32, in_chans=3).fc1.in_features == 50 * 5 * 5
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown model 'lenet'.*Did you mean.*lenet5.*Valid names"):
+        create_model("lenet")
+
+
+def test_bad_constructor_arguments_are_clear():
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        create_model("resnet", depth=21)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        create_model("lenet5", dropout=1.5)
+    with pytest.raises(ValueError, match="hidden must be a non-empty list"):
+        create_model("mlp", hidden=[])
+
+
+def test_timm_model_by_prefix():
+    model = create_model("timm:resnet18", num_classes=10, in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_timm_refuses_hub_download_and_unknown_names():
+    with pytest.raises(ValueError, match="never does that"):
+        create_model("timm:resnet18", pretrained=True)
+    with pytest.raises(ValueError, match="unknown timm model 'resnet19x'"):
+        create_model("timm:resnet19x")
+
+
+def test_local_weights_file_safetensors_and_torch(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_model("lenet_300_100")
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        loaded = create_model("lenet_300_100", weights=tmp_path / f)
+        assert torch.equal(loaded.fc1.weight, src.fc1.weight)
+
+
+def test_local_weights_file_refuses_pickled_objects(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("payload ran",))
+
+    torch.save({"fc1.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        create_model("lenet_300_100", weights=tmp_path / "evil.pt")
