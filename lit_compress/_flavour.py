@@ -1,11 +1,13 @@
 """One callback implementation, two Lightning namespaces.
 
 Lightning ships the same classes twice: ``lightning.pytorch`` and the older ``pytorch_lightning``
-distribution. Their ``Callback`` classes are distinct types and each ``Trainer`` type-checks its
-callbacks, so a callback must subclass the base of the namespace it is used with. Callbacks in
-lit_compress are therefore written as plain classes (no Lightning base) and decorated with
-:func:`lightning_callback`, which returns the ``lightning.pytorch`` flavour. ``lit_compress.pl``
-builds the ``pytorch_lightning`` flavour of every registered implementation from the same code.
+distribution. Their ``Callback`` classes are distinct types: each namespace's ``LightningCLI``
+(jsonargparse) validates ``trainer.callbacks`` against its own ``Callback``, as do ``isinstance``
+checks in Lightning and in user code, so a callback must subclass the base of the namespace it is
+used with. Callbacks in lit_compress are therefore written as plain classes (no Lightning base)
+and decorated with :func:`lightning_callback`, which returns the ``lightning.pytorch`` flavour.
+``lit_compress.pl`` builds the ``pytorch_lightning`` flavour of every registered implementation
+from the same code.
 """
 
 from __future__ import annotations

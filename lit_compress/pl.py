@@ -1,8 +1,9 @@
 """lit_compress callbacks for the ``pytorch_lightning`` namespace (the ``pytorch-lightning`` distribution).
 
-``pytorch_lightning.Trainer`` only accepts ``pytorch_lightning.Callback`` subclasses, which are distinct
-types from ``lightning.pytorch.Callback``. This module builds, from the very same implementations, one
-class per lit_compress callback with the ``pytorch_lightning`` base::
+``pytorch_lightning.Callback`` and ``lightning.pytorch.Callback`` are distinct types, and the
+``pytorch_lightning`` LightningCLI (and ``isinstance`` checks) accept only the former. This module
+builds, from the very same implementations, one class per lit_compress callback with the
+``pytorch_lightning`` base::
 
     import pytorch_lightning as pl
     from lit_compress.pl import CompressionSummary

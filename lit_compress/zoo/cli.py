@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. '*mnist*'")
     show = sub.add_parser("show", help="print an entry's card")
     show.add_argument("name")
-    ev = sub.add_parser("eval", help="re-measure an entry on its test set and print card vs measured")
+    ev = sub.add_parser("eval", help="re-measure one entry on its test set; exit 1 if it differs")
     ev.add_argument("name")
     ev.add_argument("--data-dir", default=None)
     ver = sub.add_parser("verify", help="re-measure every entry; exit 1 on any difference")
@@ -70,8 +70,10 @@ def _show(args) -> int:
 
 
 def _eval(args) -> int:
+    from lit_compress.zoo.registry import card
     from lit_compress.zoo.verify import verify_entry
 
+    card(args.name, args.zoo)  # an unknown name is a usage error (exit 2, with close names)
     result = verify_entry(args.name, args.zoo, args.data_dir)
     print(
         json.dumps(
@@ -85,7 +87,7 @@ def _eval(args) -> int:
             indent=2,
         )
     )
-    return 0
+    return 0 if result.ok else 1
 
 
 def _verify(args) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,20 +72,12 @@ def export_checkpoint(
     )
 
 
-def _config_from_argv() -> str | None:
-    argv = sys.argv
-    for i, arg in enumerate(argv[:-1]):
-        if arg in ("--config", "-c"):
-            return argv[i + 1]
-    return None
-
-
 @lightning_callback
 class ZooExport:
     """At the end of ``fit``, export the best checkpoint's network (or the final weights) to the zoo.
 
     Numbers on the card are measured on the dataset's official test set by :func:`lit_compress.zoo.export`.
-    ``recipe`` is the YAML config of the run (default: the ``--config`` given on the command line).
+    ``recipe`` is the YAML config of the run; under ``lit-compress fit --config X`` it defaults to ``X``.
     The module must keep its network as ``model_attr`` and say which architecture it is through its
     hyper-parameters ``model`` / ``model_kwargs`` (as :class:`~lit_compress.models.ImageClassifier` does).
     """
@@ -171,7 +162,7 @@ class ZooExport:
             architecture=arch,
             architecture_kwargs=kwargs,
             dataset=dataset,
-            recipe=self.recipe or _config_from_argv(),
+            recipe=self.recipe,
             methods=self.methods,
             bits=self.bits,
             compression_description=self.description,
