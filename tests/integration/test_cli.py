@@ -294,8 +294,9 @@ def test_unknown_model_name_console_script(tmp_path):
 def test_bad_datamodule_value(tmp_path, capsys):
     config = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
     args = ["fit", "--config", str(config), "--data", "lit_compress.data.MNISTDataModule"]
-    with pytest.raises(ValueError, match=r"val_size must be an int >= 0, got -1"):
-        main([*args, "--data.val_size", "-1"])
+    code, _, err = run_main(capsys, *args, "--data.val_size", "-1")
+    assert code == 2
+    assert "invalid configuration" in err and "val_size must be an int >= 0, got -1" in err
 
 
 @pytest.mark.parametrize(
@@ -449,13 +450,7 @@ def test_zoo_eval_shipped(shipped_zoo, capsys, monkeypatch, shared_data_dir, nam
     "command",
     [
         "show",
-        pytest.param(
-            "eval",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="zoo/cli.py _eval returns 0 for an unknown name (verify_entry swallows the ZooError)",
-            ),
-        ),
+        "eval",
     ],
 )
 def test_zoo_unknown_name(shipped_zoo, capsys, command):
