@@ -26,6 +26,7 @@ from lit_compress._flavour import make_flavour, registered_implementations
 
 # Importing these modules registers their callback implementations.
 from lit_compress.measure import callback as _measure_callback  # noqa: F401
+from lit_compress.pruning import callback as _pruning_callback  # noqa: F401
 from lit_compress.zoo import from_lightning as _zoo_callback  # noqa: F401
 
 __all__ = sorted(registered_implementations())

@@ -245,8 +245,10 @@ class SyntheticDataModule(L.LightningDataModule):
         num_classes: int = 10,
         batch_size: int = 32,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
+        _check_bool("shuffle", shuffle)
         _check_int("num_train", num_train, 1)
         _check_int("num_val", num_val, 0)
         _check_int("num_test", num_test, 0)
@@ -262,6 +264,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle  # False: a fixed batch order, for exact resume comparisons
         self.train_dataset: TensorDataset | None = None
         self.val_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None
@@ -288,7 +291,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._loader(self.train_dataset, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.train_dataset is None:

@@ -457,5 +457,3 @@ def test_zoo_unknown_name(shipped_zoo, capsys, command):
     code, out, err = run_main(capsys, "zoo", command, "lenet_300_100-mnist.dens")
     assert code == 2, out
     assert "Did you mean 'lenet_300_100-mnist.dense'" in err
-
-

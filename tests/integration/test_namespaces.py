@@ -33,7 +33,7 @@ from lit_compress.models import create_model
 IMPLEMENTATIONS = registered_implementations()  # complete: importing lit_compress.pl registers them all
 NAMESPACES = {"lightning.pytorch": L, "pytorch_lightning": pl}
 # Constructor arguments for callbacks that have required ones (add a line when adding such a callback).
-CTOR_KWARGS = {"ZooExport": {"name": "lenet_300_100-mnist.pickle-test"}}
+CTOR_KWARGS = {"ZooExport": {"name": "lenet_300_100-mnist.pickle-test"}, "Pruning": {"sparsity": 0.5}}
 
 
 def lightning_flavour(name: str) -> type:
@@ -119,7 +119,7 @@ def test_flavours_pickle(name, namespace):
     try:
         callback = cls(**CTOR_KWARGS.get(name, {}))
     except TypeError as err:
-        pytest.skip(f"add constructor arguments for {name} to CTOR_KWARGS: {err}")
+        pytest.fail(f"add constructor arguments for {name} to CTOR_KWARGS: {err}")
     clone = pickle.loads(pickle.dumps(callback))
     assert type(clone) is cls
     assert isinstance(clone, NAMESPACES[namespace].Callback)

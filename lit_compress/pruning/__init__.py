@@ -1,0 +1,47 @@
+"""Unstructured pruning: criteria (which weights matter), schedules (when, how far), masks, callback.
+
+from lit_compress.pruning import Pruning
+Trainer(callbacks=[Pruning(sparsity=0.92, criterion="magnitude", schedule="iterative",
+                           schedule_args={"rounds": 3, "steps_per_round": 2000})])
+"""
+
+from lit_compress.pruning.criteria import Criterion, ScoringContext, get_criterion, register_criterion
+from lit_compress.pruning.masks import apply_masks, global_masks, layerwise_masks, sparsity_stats
+from lit_compress.pruning.schedules import (
+    DenseSparseDense,
+    Gradual,
+    Iterative,
+    LotteryTicket,
+    OneShot,
+    PruningSchedule,
+    get_pruning_schedule,
+    register_pruning_schedule,
+)
+
+__all__ = [
+    "Criterion",
+    "DenseSparseDense",
+    "Gradual",
+    "Iterative",
+    "LotteryTicket",
+    "OneShot",
+    "Pruning",
+    "PruningSchedule",
+    "ScoringContext",
+    "apply_masks",
+    "get_criterion",
+    "get_pruning_schedule",
+    "global_masks",
+    "layerwise_masks",
+    "register_criterion",
+    "register_pruning_schedule",
+    "sparsity_stats",
+]
+
+
+def __getattr__(name: str):
+    if name == "Pruning":  # the callback imports Lightning
+        from lit_compress.pruning.callback import Pruning
+
+        return Pruning
+    raise AttributeError(f"module 'lit_compress.pruning' has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""Scores -> boolean masks, and keeping masked weights at exactly zero.
+
+Masks are ``True`` where a weight is kept. Targets are cumulative: a mask for sparsity 0.9 zeroes 90%
+of the targeted weights, and weights pruned earlier stay pruned (their score is forced to -inf).
+Ties are broken by a stable sort on the flattened index, so every rank computes identical masks
+from identical scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+def _num_to_prune(numel: int, sparsity: float) -> int:
+    return min(numel, round(sparsity * numel))
+
+
+def _validate_sparsity(name: str, sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity for {name!r} must be in [0, 1), got {sparsity}")
+
+
+def _masked_scores(score: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    flat = score.detach().flatten().float().clone()
+    flat[torch.isnan(flat)] = -torch.inf  # a NaN score never keeps a weight alive
+    if mask is not None:
+        flat[~mask.flatten()] = -torch.inf
+    return flat
+
+
+def _mask_from_order(flat_scores: torch.Tensor, prune: int, shape: torch.Size) -> torch.Tensor:
+    mask = torch.ones(flat_scores.numel(), dtype=torch.bool, device=flat_scores.device)
+    if prune:
+        order = torch.argsort(flat_scores, stable=True)  # ascending: least important first
+        mask[order[:prune]] = False
+    return mask.view(shape)
+
+
+def layerwise_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: Mapping[str, float],
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One mask per tensor, each pruning ``sparsity[name]`` of that tensor's entries."""
+    masks = {}
+    for name, score in scores.items():
+        _validate_sparsity(name, sparsity[name])
+        flat = _masked_scores(score, None if current is None else current.get(name))
+        masks[name] = _mask_from_order(flat, _num_to_prune(flat.numel(), sparsity[name]), score.shape)
+    return masks
+
+
+def global_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks from one ranking over all tensors: ``sparsity`` of all their entries together is pruned.
+
+    Scores are compared across layers as they are; criteria whose scales differ per layer (e.g. magnitude
+    on layers with very different fan-in) can empty a layer, which is reported by :func:`sparsity_stats`.
+    """
+    _validate_sparsity("global", sparsity)
+    names = list(scores)
+    flats = [_masked_scores(scores[n], None if current is None else current.get(n)) for n in names]
+    sizes = [f.numel() for f in flats]
+    joined = torch.cat(flats)
+    mask = _mask_from_order(joined, _num_to_prune(joined.numel(), sparsity), joined.shape)
+    return {n: m.view(scores[n].shape) for n, m in zip(names, torch.split(mask, sizes))}
+
+
+@torch.no_grad()
+def apply_masks(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the masked entries of each parameter in place."""
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+@torch.no_grad()
+def mask_gradients(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(mask.to(grad.device, grad.dtype))
+
+
+@torch.no_grad()
+def mask_optimizer_state(
+    optimizers: Iterable[torch.optim.Optimizer],
+    params: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> None:
+    """Zero every per-element optimizer state (momentum, Adam moments) of masked weights.
+
+    Without this a momentum buffer filled before pruning keeps pushing a pruned weight away from zero.
+    """
+    by_id = {id(params[name]): mask for name, mask in masks.items()}
+    for optimizer in optimizers:
+        for param, state in optimizer.state.items():
+            mask = by_id.get(id(param))
+            if mask is None:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(mask.to(value.device, value.dtype))
+
+
+def sparsity_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per-tensor sparsity plus ``"global"`` over all masked entries."""
+    stats = {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    stats["global"] = pruned / total if total else 0.0
+    return stats
