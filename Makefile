@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lit-compress fit --config configs/demo-lenet_300_100-mnist.yaml
+	$(BIN)/lit-compress fit --config configs/demo-prune-lenet_300_100-mnist.yaml
 	$(BIN)/lit-compress zoo list
 
 lint: $(STAMP)

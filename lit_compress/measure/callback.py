@@ -85,6 +85,7 @@ class CompressionSummary:
         self.last_report_path: Path | None = None
         self._batch_shape: list[int] | None = None
         self._out_dir: str | None = None
+        self.start_report: CompressionReport | None = None  # the model as fit found it
 
     # -- which model, which input ---------------------------------------------------------------------------
 
@@ -131,6 +132,10 @@ class CompressionSummary:
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._out_dir = self._output_dir(trainer)
+        shape = self._resolve_input_shape(trainer)
+        if trainer.is_global_zero and shape is not None:
+            # Before any compression callback acts: the "before" of the before/after line.
+            self.start_report = compression_report(self._target(pl_module), input_shape=shape)
 
     def on_test_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._out_dir = self._output_dir(trainer)
@@ -162,9 +167,14 @@ class CompressionSummary:
             )
             return
         report = compression_report(self._target(pl_module), input_shape=shape, latency=self.latency)
+        unchanged = self.last_report is not None and _same_model(self.last_report, report)
         self.last_report = report
-        if self.verbose:
+        if self.verbose and unchanged:  # e.g. test right after fit: no need to print the same table twice
+            rank_zero_info(f"Compression summary ({report.model}): unchanged since the last report")
+        elif self.verbose:
             rank_zero_info(f"Compression summary ({report.model}, input {shape}):\n{report.format_table()}")
+            if self.start_report is not None:
+                rank_zero_info(before_after(self.start_report, report))
         metrics = {
             "compression/params_total": float(report.params_total),
             "compression/params_nonzero": float(report.params_nonzero),
@@ -182,3 +192,25 @@ class CompressionSummary:
         path = Path(out_dir) / self.report_name
         atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
         self.last_report_path = path
+
+
+def before_after(before: CompressionReport, after: CompressionReport) -> str:
+    """One line comparing the model at fit start with the model now."""
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "inf"
+
+    return (
+        f"before fit -> now: nonzero params {before.params_nonzero:,} -> {after.params_nonzero:,} "
+        f"({ratio(before.params_nonzero, after.params_nonzero)} fewer), effective MACs "
+        f"{before.macs_effective:,} -> {after.macs_effective:,} "
+        f"({ratio(before.macs_effective, after.macs_effective)} fewer)"
+    )
+
+
+def _same_model(a: CompressionReport, b: CompressionReport) -> bool:
+    """Same per-layer counts and totals (latency, being a timing, is ignored)."""
+    strip = {"latency"}
+    return {k: v for k, v in a.to_dict().items() if k not in strip} == {
+        k: v for k, v in b.to_dict().items() if k not in strip
+    }

@@ -16,6 +16,10 @@ from lit_compress.models.registry import create_model
 class ImageClassifier(L.LightningModule):
     """Network ``self.net = create_model(model, **model_kwargs)``; logs loss, top-1 and the test error count.
 
+    ``init_from`` starts from trained weights: ``"zoo:<entry name>"`` (sha256-checked zoo entry of the same
+    architecture) or a local ``.safetensors`` / tensor-only file. This is how compression recipes start from
+    a dense reference (Han et al.: train, prune, retrain).
+
     The optimizer and LR scheduler are dependency-injected, so a YAML recipe picks them::
 
         model:
@@ -35,6 +39,7 @@ class ImageClassifier(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: str = "epoch",
         label_smoothing: float = 0.0,
+        init_from: str | None = None,
     ):
         super().__init__()
         if lr_scheduler_interval not in ("epoch", "step"):
@@ -49,6 +54,8 @@ class ImageClassifier(L.LightningModule):
         self.model_name = model
         self.model_kwargs = model_kwargs
         self.net = create_model(model, **model_kwargs)
+        if init_from is not None:
+            self.net.load_state_dict(_initial_state(init_from))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -94,3 +101,13 @@ class ImageClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
+
+
+def _initial_state(source: str) -> dict[str, torch.Tensor]:
+    if source.startswith("zoo:"):
+        from lit_compress import zoo
+
+        return zoo.load(source[len("zoo:") :]).state_dict()
+    from lit_compress.models.weights import load_state_dict_file
+
+    return load_state_dict_file(source)

@@ -210,6 +210,30 @@ class Pruning:
         self.snapshot = state_dict.get("snapshot")
         self.history = list(state_dict.get("history", []))
 
+    def export(self, pl_module: nn.Module, attr: str | None = "net") -> nn.Module:
+        """A plain copy of the pruned network (``pl_module.<attr>``, or the module itself for ``None``).
+
+        Pruned weights are exactly zero in it; no masks, hooks or extra parameters are attached, so it saves,
+        loads and exports like the original architecture (use the zoo's ``sparse-safetensors`` codec to store
+        it compactly).
+        """
+        net = pl_module if attr is None else getattr(pl_module, attr)
+        prefix = "" if attr is None else f"{attr}."
+        plain = copy.deepcopy(net).eval()
+        params = dict(plain.named_parameters())
+        inside = {n: m for n, m in self.masks.items() if n.startswith(prefix)}
+        apply_masks({n: params[n[len(prefix) :]] for n in inside}, inside)
+        return plain
+
+    def compression_summary(self) -> dict[str, Any]:
+        """What this callback did, for zoo cards (:class:`~lit_compress.zoo.ZooExport` collects it)."""
+        overrides = f", overrides {self.layer_sparsity}" if self.layer_sparsity else ""
+        return {
+            "methods": [f"pruning:{self.criterion.name}"],
+            "description": f"{self.scope} {self.criterion.name} pruning to {self.sparsity:.1%} with the "
+            f"{self.schedule.name} schedule{overrides}",
+        }
+
     # -- mechanics --------------------------------------------------------------------------------------
 
     def _prune_steps(self) -> set[int]:

@@ -73,9 +73,13 @@ def global_masks(
 
 @torch.no_grad()
 def apply_masks(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the masked entries of each parameter in place."""
+    """Set the masked entries of each parameter to +0.0 in place.
+
+    ``masked_fill`` rather than multiplying by the mask: ``w * 0`` is ``-0.0`` for negative ``w``, whose bit
+    pattern is not zero, which would defeat sparse storage and bit-level checks.
+    """
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        params[name].masked_fill_(~mask.to(params[name].device), 0.0)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--paper", default="")
     ex.add_argument("--notes", default="")
     ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--codec", default="safetensors", help="weight format: safetensors or sparse-safetensors")
     ex.add_argument("--data-dir", default=None)
     rd = sub.add_parser("readme", help="regenerate the zoo table in README.md from the cards")
     rd.add_argument("--readme", default="README.md")
@@ -115,6 +116,7 @@ def _export(args) -> int:
         dataset=args.dataset,
         paper=args.paper,
         notes=args.notes,
+        codec=args.codec,
         zoo=args.zoo,
         data_dir=args.data_dir,
         overwrite=args.overwrite,

@@ -97,6 +97,7 @@ class ZooExport:
         use_best_checkpoint: bool = True,
         model_attr: str = "net",
         overwrite: bool = True,
+        codec: str = "safetensors",
     ):
         super().__init__()
         from lit_compress.zoo.card import NAME_PATTERN
@@ -115,6 +116,9 @@ class ZooExport:
         self.paper, self.license, self.notes = paper, license, notes
         self.zoo, self.use_best_checkpoint, self.model_attr = zoo, use_best_checkpoint, model_attr
         self.overwrite = overwrite
+        from lit_compress.zoo.storage import get_codec
+
+        self.codec = get_codec(codec).name  # unknown codec: clear error now, not after training
         self.card: Card | None = None
         self._start = time.perf_counter()
 
@@ -156,6 +160,14 @@ class ZooExport:
             "device": f"{trainer.strategy.root_device.type} ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads)",
         }
+        methods, description = self.methods, self.description
+        summaries = [
+            cb.compression_summary() for cb in trainer.callbacks if hasattr(cb, "compression_summary")
+        ]
+        if methods is None:  # collected from the compression callbacks of the run
+            methods = [m for s in summaries for m in s.get("methods", [])]
+        if not description:
+            description = "; ".join(s["description"] for s in summaries if s.get("description"))
         self.card = export(
             model,
             name=self.name,
@@ -163,9 +175,9 @@ class ZooExport:
             architecture_kwargs=kwargs,
             dataset=dataset,
             recipe=self.recipe,
-            methods=self.methods,
+            methods=methods,
             bits=self.bits,
-            compression_description=self.description,
+            compression_description=description,
             paper=self.paper,
             license=self.license,
             training=training,
@@ -173,6 +185,7 @@ class ZooExport:
             zoo=self.zoo,
             data_dir=getattr(datamodule, "data_dir", None),
             overwrite=self.overwrite,
+            codec=self.codec,
         )
         print(
             f"zoo entry {self.card.name}: top-1 {self.card.metrics.top1:.2%} "

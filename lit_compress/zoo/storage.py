@@ -105,3 +105,6 @@ class SafetensorsCodec:
 
 
 register_codec(SafetensorsCodec())
+
+# Registered here so that every codec is known as soon as the zoo's storage layer is imported.
+from lit_compress.zoo import sparse_codec as _sparse_codec  # noqa: E402, F401

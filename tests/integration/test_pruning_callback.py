@@ -288,3 +288,53 @@ def _loader():
     data = SyntheticDataModule()
     data.setup("fit")
     return data.train_dataloader()
+
+
+def test_summary_reports_before_and_after_pruning(tmp_path):
+    from lit_compress.measure import CompressionSummary
+
+    summary = CompressionSummary()
+    trainer(tmp_path, [Pruning(sparsity=0.75), summary], max_steps=2).fit(
+        tiny_classifier(), SyntheticDataModule()
+    )
+    before, after = summary.start_report, summary.last_report
+    assert before.params_nonzero == before.params_total
+    pruned = sum(round(0.75 * n) for n in (784 * 32, 32 * 16, 16 * 10))  # each targeted weight matrix
+    assert before.params_nonzero - after.params_nonzero == pruned
+    assert before.macs_effective - after.macs_effective == pruned  # one MAC per weight for an MLP
+
+
+def test_pruned_run_exports_a_sparse_zoo_entry(tmp_path, shared_data_dir, monkeypatch):
+    from lit_compress import zoo
+
+    monkeypatch.setenv("LIT_COMPRESS_DATA", str(shared_data_dir))
+    model = ImageClassifier(model="lenet_300_100")
+    export = zoo.ZooExport(
+        name="lenet_300_100-mnist.test-sparse",
+        dataset="mnist",
+        zoo=str(tmp_path / "zoo"),
+        use_best_checkpoint=False,
+        codec="sparse-safetensors",
+    )
+    trainer(tmp_path, [Pruning(sparsity=0.9), export], max_steps=2).fit(model, SyntheticDataModule())
+    card = export.card
+    assert card.compression.methods == ["pruning:magnitude"]
+    assert "magnitude pruning to 90.0%" in card.compression.description
+    assert card.files[0].format == "sparse-safetensors"
+    assert card.bytes.file < card.bytes.fp32 / 4  # really smaller on disk
+    loaded = zoo.load(card.name, zoo=tmp_path / "zoo")
+    for (name, a), (_, b) in zip(model.net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert zoo.verify_entry(card.name, zoo=tmp_path / "zoo").ok
+
+
+def test_export_returns_a_plain_network_with_zeros(tmp_path):
+    model = tiny_classifier()
+    cb = Pruning(sparsity=0.6)
+    trainer(tmp_path, [cb], max_steps=2).fit(model, SyntheticDataModule())
+    plain = cb.export(model)
+    assert type(plain) is type(model.net) and not plain.training
+    assert list(plain.state_dict()) == list(model.net.state_dict())
+    for name, mask in cb.masks.items():
+        w = plain.get_parameter(name.removeprefix("net."))
+        assert torch.all(w[~mask] == 0) and torch.equal(w, model.get_parameter(name))
