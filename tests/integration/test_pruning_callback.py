@@ -338,3 +338,32 @@ def test_export_returns_a_plain_network_with_zeros(tmp_path):
     for name, mask in cb.masks.items():
         w = plain.get_parameter(name.removeprefix("net."))
         assert torch.all(w[~mask] == 0) and torch.equal(w, model.get_parameter(name))
+
+
+class ManualOptimisationModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_data_criterion_without_a_loss_fails_before_training(tmp_path):
+    module = ManualOptimisationModule()
+    before = module.net[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="criterion 'snip' needs the loss of training_step.*manual optimization"):
+        trainer(tmp_path, [Pruning(sparsity=0.5, criterion="snip")], max_steps=2).fit(module, SyntheticDataModule())
+    assert torch.equal(module.net[1].weight, before)
+    # Data-free criteria work with manual optimization.
+    cb = Pruning(sparsity=0.5)
+    trainer(tmp_path, [cb], max_steps=2).fit(module, SyntheticDataModule())
+    assert (module.net[1].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
