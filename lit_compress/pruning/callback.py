@@ -182,7 +182,7 @@ class Pruning:
         if self.schedule.release_step is not None and step == self.schedule.release_step:
             self._release(trainer)
             self.last_event_step = step
-        elif step in self._prune_steps():
+        elif self.schedule.is_prune_step(step):
             self._prune(trainer, pl_module, step)
             self.last_event_step = step
 
@@ -235,11 +235,6 @@ class Pruning:
         }
 
     # -- mechanics --------------------------------------------------------------------------------------
-
-    def _prune_steps(self) -> set[int]:
-        if not hasattr(self, "_prune_step_set"):
-            self._prune_step_set = set(self.schedule.prune_steps())
-        return self._prune_step_set
 
     def final_sparsity(self, param_name: str) -> float:
         """Final sparsity of one target: its first matching ``layer_sparsity`` override, else ``sparsity``."""
