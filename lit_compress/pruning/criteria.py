@@ -423,6 +423,21 @@ class RandomCriterion(Criterion):
 # ----------------------------------------------------------------------------------- gradient criteria
 
 
+def _mean_over_batches(
+    ctx: ScoringContext, num_batches: int, name: str, term: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(weights, per-parameter mean over batches of ``term(w, dL_b/dw)``), not yet reduced across ranks."""
+    w = _weights(ctx)
+    acc = [torch.zeros_like(x) for x in w]
+    with _scoring_session(ctx) as params:
+        count = 0
+        for batch in _take(ctx, num_batches, name):
+            for a, wi, g in zip(acc, w, _grad(_loss(ctx, batch, name), params)):
+                a.add_(term(wi, g.detach()))
+            count += 1
+    return w, [a / count for a in acc]
+
+
 @register_criterion("snip")
 class SNIPCriterion(Criterion):
     """SNIP connection sensitivity: ``|w * g|`` with ``g = mean_b dL_b/dw`` over ``num_batches`` batches.
@@ -440,15 +455,8 @@ class SNIPCriterion(Criterion):
 
     def scores(self, ctx: ScoringContext) -> dict[str, Tensor]:
         self._require_data(ctx)
-        w = _weights(ctx)
-        acc = [torch.zeros_like(x) for x in w]
-        with _scoring_session(ctx) as params:
-            count = 0
-            for batch in _take(ctx, self.num_batches, self.name):
-                for a, g in zip(acc, _grad(_loss(ctx, batch, self.name), params)):
-                    a.add_(g.detach())
-                count += 1
-        g_mean = _reduce(ctx, [a / count for a in acc])
+        w, g_mean = _mean_over_batches(ctx, self.num_batches, self.name, lambda wi, g: g)
+        g_mean = _reduce(ctx, g_mean)
         return {fqn: (wi * gi).abs() for fqn, wi, gi in zip(ctx.params, w, g_mean)}
 
 
@@ -473,15 +481,8 @@ class TaylorCriterion(Criterion):
 
     def scores(self, ctx: ScoringContext) -> dict[str, Tensor]:
         self._require_data(ctx)
-        w = _weights(ctx)
-        acc = [torch.zeros_like(x) for x in w]
-        with _scoring_session(ctx) as params:
-            count = 0
-            for batch in _take(ctx, self.num_batches, self.name):
-                for a, wi, g in zip(acc, w, _grad(_loss(ctx, batch, self.name), params)):
-                    a.add_((wi * g.detach()).abs())
-                count += 1
-        return dict(zip(ctx.params, _reduce(ctx, [a / count for a in acc])))
+        _, mean = _mean_over_batches(ctx, self.num_batches, self.name, lambda wi, g: (wi * g).abs())
+        return dict(zip(ctx.params, _reduce(ctx, mean)))
 
 
 _HESSIANS = ("fisher", "hutchinson")
