@@ -360,10 +360,22 @@ class ManualOptimisationModule(L.LightningModule):
 def test_data_criterion_without_a_loss_fails_before_training(tmp_path):
     module = ManualOptimisationModule()
     before = module.net[1].weight.detach().clone()
-    with pytest.raises(ValueError, match="criterion 'snip' needs the loss of training_step.*manual optimization"):
-        trainer(tmp_path, [Pruning(sparsity=0.5, criterion="snip")], max_steps=2).fit(module, SyntheticDataModule())
+    snip = Pruning(sparsity=0.5, criterion="snip")
+    with pytest.raises(
+        ValueError, match=r"criterion 'snip' needs the loss of training_step.*manual optimization"
+    ):
+        trainer(tmp_path, [snip], max_steps=2).fit(module, SyntheticDataModule())
     assert torch.equal(module.net[1].weight, before)
     # Data-free criteria work with manual optimization.
     cb = Pruning(sparsity=0.5)
     trainer(tmp_path, [cb], max_steps=2).fit(module, SyntheticDataModule())
     assert (module.net[1].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_han_dropout_rescaling_follows_kept_connections(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(model="mlp", model_kwargs={"hidden": [32], "dropout": 0.5})
+    cb = Pruning(sparsity=0.75, schedule=Iterative(rounds=2, steps_per_round=2), rescale_dropout=True)
+    trainer(tmp_path, [cb], max_steps=4).fit(model, SyntheticDataModule())
+    # D_r = D_o * sqrt(C_r / C_o) with C_r / C_o = 0.25 kept after the last round.
+    assert model.net.dropout.p == pytest.approx(0.5 * 0.25**0.5)
