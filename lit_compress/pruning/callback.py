@@ -29,10 +29,10 @@ from torch import nn
 from lit_compress._flavour import lightning_callback
 from lit_compress.pruning.criteria import Criterion, ScoringContext, get_criterion
 from lit_compress.pruning.masks import (
+    PreparedMasks,
     apply_masks,
     global_masks,
     layerwise_masks,
-    mask_gradients,
     mask_optimizer_state,
     sparsity_stats,
 )
@@ -129,6 +129,7 @@ class Pruning:
         self.history: list[dict[str, float]] = []
         self._params: dict[str, nn.Parameter] = {}
         self._dropout_p0: dict[str, float] = {}
+        self._prepared: PreparedMasks | None = None  # masks ready for the per-step hooks
 
     # -- Lightning hooks -------------------------------------------------------------------------------
 
@@ -167,8 +168,7 @@ class Pruning:
                 f"steps (max_steps / max_epochs); shorten the schedule or train longer"
             )
         if self.masks:  # restored from a checkpoint: re-impose them (weights are already zero)
-            self._sync_mask_devices()
-            apply_masks(self._params, self.masks)
+            self._masks_changed()
         if self.schedule.rewind_step == 0 and self.snapshot is None:
             self.snapshot = self._take_snapshot()
 
@@ -187,12 +187,12 @@ class Pruning:
             self.last_event_step = step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.masks:
-            mask_gradients(self._params, self.masks)
+        if self._prepared is not None:
+            self._prepared.zero_gradients()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.masks:
-            apply_masks(self._params, self.masks)
+        if self._prepared is not None:
+            self._prepared.zero_weights()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -274,7 +274,7 @@ class Pruning:
             for name, value in updated.items():
                 self._params[name].copy_(value)
         self.masks = masks
-        apply_masks(self._params, self.masks)
+        self._masks_changed()
         mask_optimizer_state(trainer.optimizers, self._params, self.masks)
         if self.schedule.rewind_step is not None:
             self._rewind(trainer, pl_module)
@@ -304,7 +304,7 @@ class Pruning:
             fresh = self.snapshot
         for name, param in self._params.items():
             param.copy_(fresh[name].to(param.device, param.dtype))
-        apply_masks(self._params, self.masks)
+        self._prepared.zero_weights()
         for optimizer in trainer.optimizers:  # a rewound ticket restarts training: drop optimizer memory
             for param in self._params.values():
                 optimizer.state.pop(param, None)
@@ -312,6 +312,7 @@ class Pruning:
     def _release(self, trainer) -> None:
         """Dense-Sparse-Dense: drop every mask; pruned weights restart from zero and train again."""
         self.masks = {}
+        self._prepared = None
         self.released = True
         self._report(trainer, trainer.global_step, {"global": 0.0}, event="release")
 
@@ -325,6 +326,13 @@ class Pruning:
 
     def _sync_mask_devices(self) -> None:
         self.masks = {n: m.to(self._params[n].device) for n, m in self.masks.items()}
+
+    def _masks_changed(self) -> None:
+        """Move masks to their parameters' devices, prepare the hot-path form, zero the pruned weights."""
+        self._sync_mask_devices()
+        self._prepared = PreparedMasks(self._params, self.masks) if self.masks else None
+        if self._prepared is not None:
+            self._prepared.zero_weights()
 
     def _report(self, trainer, step: int, stats: dict[str, float], event: str = "prune") -> None:
         record = {"step": step, **{f"sparsity/{k}": v for k, v in stats.items()}}

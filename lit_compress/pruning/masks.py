@@ -83,14 +83,6 @@ def apply_masks(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
 
 
 @torch.no_grad()
-def mask_gradients(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        grad = params[name].grad
-        if grad is not None:
-            grad.mul_(mask.to(grad.device, grad.dtype))
-
-
-@torch.no_grad()
 def mask_optimizer_state(
     optimizers: Iterable[torch.optim.Optimizer],
     params: Mapping[str, torch.Tensor],
@@ -118,3 +110,30 @@ def sparsity_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     pruned = sum(int((~m).sum()) for m in masks.values())
     stats["global"] = pruned / total if total else 0.0
     return stats
+
+
+class PreparedMasks:
+    """Masks laid out for the per-step hot path, built once each time the masks change.
+
+    Every optimizer step zeroes the gradients of pruned weights and re-zeroes the weights after the step;
+    converting or inverting bool masks there would allocate on every step, so the float keep-masks (for
+    gradients) and the inverted bool masks (for weights) are made here, on each parameter's device.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]):
+        self._entries = []
+        for name, mask in masks.items():
+            param = params[name]
+            mask = mask.to(param.device)
+            self._entries.append((param, mask.to(param.dtype), ~mask))
+
+    @torch.no_grad()
+    def zero_gradients(self) -> None:
+        for param, keep, _ in self._entries:
+            if param.grad is not None:
+                param.grad.mul_(keep)
+
+    @torch.no_grad()
+    def zero_weights(self) -> None:
+        for param, _, pruned in self._entries:
+            param.masked_fill_(pruned, 0.0)
