@@ -18,7 +18,7 @@ Numbers in docs/benchmarks.md were produced by::
 
     .venv/bin/python benchmarks/lottery_ticket.py
 
-(defaults: R=4 rounds, K=1 epoch, sparsities 0.8 0.95 0.98, seed 0, 1 thread).
+(defaults: R=3 rounds, K=3 epochs, sparsities 0.8 0.95 0.98, seed 0, 1 thread).
 Quick smoke test: ``--limit-train 2000 --sparsities 0.9``.
 """
 
@@ -64,8 +64,8 @@ def run(method: str, sparsity: float, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = C.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--round-epochs", type=int, default=1, help="epochs of training per round (K)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-epochs", type=int, default=3, help="epochs of training per round (K)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.95, 0.98])
     parser.add_argument("--limit-train", type=int, default=None)
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import copy
 import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -350,12 +351,14 @@ class Pruning:
 
     def _loss_fn(self, pl_module) -> Callable[[Any], torch.Tensor]:
         def loss(batch: Any) -> torch.Tensor:
-            # Logging inside training_step is suppressed while scoring (the batches are not training steps).
+            # Scoring batches are not training steps: logging is suppressed and torchmetrics states
+            # updated inside training_step are restored, so train metrics only see real steps.
             log, log_dict = pl_module.log, pl_module.log_dict
             pl_module.log = lambda *a, **k: None
             pl_module.log_dict = lambda *a, **k: None
             try:
-                return _loss_from_output(pl_module.training_step(batch, 0))
+                with _metric_states_preserved(pl_module):
+                    return _loss_from_output(pl_module.training_step(batch, 0))
             finally:
                 pl_module.log, pl_module.log_dict = log, log_dict
 
@@ -372,6 +375,28 @@ class Pruning:
                 yield trainer.strategy.batch_to_device(batch)
 
         return batches
+
+
+@contextmanager
+def _metric_states_preserved(module: nn.Module) -> Iterator[None]:
+    """Restore every torchmetrics ``Metric`` of ``module`` to its state on entry."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        yield
+        return
+    saved = [
+        (m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed)
+        for m in module.modules()
+        if isinstance(m, Metric)
+    ]
+    try:
+        yield
+    finally:
+        for metric, states, count, computed in saved:
+            for key, value in states.items():
+                setattr(metric, key, value)
+            metric._update_count, metric._computed = count, computed
 
 
 def _all_reduce_mean(trainer) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -379,3 +379,18 @@ def test_han_dropout_rescaling_follows_kept_connections(tmp_path):
     trainer(tmp_path, [cb], max_steps=4).fit(model, SyntheticDataModule())
     # D_r = D_o * sqrt(C_r / C_o) with C_r / C_o = 0.25 kept after the last round.
     assert model.net.dropout.p == pytest.approx(0.5 * 0.25**0.5)
+
+
+def test_scoring_batches_do_not_leak_into_training_metrics(tmp_path):
+    model = tiny_classifier()
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:  # after the step-0 SNIP prune, before the first real step
+                seen["updates"] = pl_module.train_acc._update_count
+                seen["total"] = int(pl_module.train_acc.tp.sum() + pl_module.train_acc.fn.sum())
+
+    cb = Pruning(sparsity=0.5, criterion="snip", criterion_args={"num_batches": 2}, data_batches=2)
+    trainer(tmp_path, [cb, Probe()], max_steps=1).fit(model, SyntheticDataModule())
+    assert seen == {"updates": 0, "total": 0}
