@@ -36,13 +36,11 @@ def _compare(problems: list[str], what: str, card_value, measured) -> None:
 
 
 def _recipe_file(card: Card) -> Path | None:
-    for base in (REPO_ROOT, Path(__file__).resolve().parents[1]):
-        # Wheel installs ship configs/ as lit_compress/_configs.
-        rel = card.recipe.path
-        candidate = base / rel if base == REPO_ROOT else base / "_configs" / Path(rel).name
-        if rel and candidate.is_file():
-            return candidate
-    return None
+    """The committed recipe: at its repo path in a checkout, under ``lit_compress/_configs`` in a wheel."""
+    if not card.recipe.path:
+        return None
+    shipped = Path(__file__).resolve().parents[1] / "_configs" / Path(card.recipe.path).name
+    return next((p for p in (REPO_ROOT / card.recipe.path, shipped) if p.is_file()), None)
 
 
 def verify_entry(
