@@ -33,7 +33,11 @@ from lit_compress.models import create_model
 IMPLEMENTATIONS = registered_implementations()  # complete: importing lit_compress.pl registers them all
 NAMESPACES = {"lightning.pytorch": L, "pytorch_lightning": pl}
 # Constructor arguments for callbacks that have required ones (add a line when adding such a callback).
-CTOR_KWARGS = {"ZooExport": {"name": "lenet_300_100-mnist.pickle-test"}, "Pruning": {"sparsity": 0.5}}
+CTOR_KWARGS = {
+    "ZooExport": {"name": "lenet_300_100-mnist.pickle-test"},
+    "Pruning": {"sparsity": 0.5},
+    "Distillation": {"teacher": {"model": "lenet_300_100"}},
+}
 
 
 def lightning_flavour(name: str) -> type:
