@@ -64,6 +64,11 @@ def count_params(model: nn.Module) -> ParamCount:
         nonzero += _nonzero(p)
         if p.requires_grad:
             trainable += p.numel()
+    for module in model.modules():  # inference-only sparse layers keep their weight as a CSR buffer
+        csr = getattr(module, "weight_csr", None)
+        if callable(csr) and hasattr(module, "nnz"):
+            total += module.in_features * module.out_features
+            nonzero += int(module.nnz)
     return ParamCount(total=total, nonzero=nonzero, trainable=trainable)
 
 

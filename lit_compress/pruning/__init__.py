@@ -17,6 +17,7 @@ from lit_compress.pruning.schedules import (
     get_pruning_schedule,
     register_pruning_schedule,
 )
+from lit_compress.pruning.sparse_inference import SparseLinear, crossover, to_sparse_inference
 
 __all__ = [
     "Criterion",
@@ -28,7 +29,9 @@ __all__ = [
     "Pruning",
     "PruningSchedule",
     "ScoringContext",
+    "SparseLinear",
     "apply_masks",
+    "crossover",
     "get_criterion",
     "get_pruning_schedule",
     "global_masks",
@@ -36,6 +39,7 @@ __all__ = [
     "register_criterion",
     "register_pruning_schedule",
     "sparsity_stats",
+    "to_sparse_inference",
 ]
 
 

@@ -93,6 +93,23 @@ class FileEntry:
 
 
 @dataclass
+class Latency:
+    """CPU latency of the shipped model beside its uncompressed reference, measured in one session.
+
+    Wall-clock numbers vary between machines and runs; ``zoo verify`` re-measures them and only checks that a
+    claimed speed-up (``speedup > 1``) still holds.
+    """
+
+    batch_size: int
+    threads: int
+    ms: float  # median milliseconds per batch, the shipped model
+    reference_ms: float  # the same for the reference (the card's architecture without compression)
+    reference: str  # what the reference is, e.g. "dense lenet5"
+    speedup: float  # reference_ms / ms
+    device: str = ""
+
+
+@dataclass
 class Card:
     name: str
     architecture: Architecture
@@ -111,6 +128,7 @@ class Card:
     structure: dict[str, Any] | None = None  # plain-data structure spec for physically pruned nets
     training: dict[str, Any] = field(default_factory=dict)  # wall time, epochs, steps, seed, device
     notes: str = ""
+    latency: list[Latency] | None = None  # optional (cards of dense references usually have none)
     schema_version: int = SCHEMA_VERSION
     card_sha256: str = ""
 
@@ -123,7 +141,11 @@ class Card:
         return self.bytes.fp32 / max(self.bytes.file, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key in _OPTIONAL_FIELDS:  # absent rather than null: older cards and their seals stay valid
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
     def seal(self) -> Card:
         """Set ``card_sha256`` from the card's other fields; returns self."""
@@ -165,9 +187,16 @@ class Card:
         return cls.from_dict(data, source=source, check_seal=check_seal)
 
 
+_OPTIONAL_FIELDS = ("latency",)  # added to schema 1 after release; omitted when unset
+
+
 def content_hash(card_dict: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a card without its ``card_sha256`` field."""
-    payload = {k: v for k, v in card_dict.items() if k != "card_sha256"}
+    """sha256 of the canonical JSON of a card without ``card_sha256`` (and without unset optional fields)."""
+    payload = {
+        k: v
+        for k, v in card_dict.items()
+        if k != "card_sha256" and not (k in _OPTIONAL_FIELDS and v is None)
+    }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
