@@ -193,9 +193,7 @@ _OPTIONAL_FIELDS = ("latency",)  # added to schema 1 after release; omitted when
 def content_hash(card_dict: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a card without ``card_sha256`` (and without unset optional fields)."""
     payload = {
-        k: v
-        for k, v in card_dict.items()
-        if k != "card_sha256" and not (k in _OPTIONAL_FIELDS and v is None)
+        k: v for k, v in card_dict.items() if k != "card_sha256" and not (k in _OPTIONAL_FIELDS and v is None)
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -111,10 +111,13 @@ def export(
     zoo: str | Path | None = None,
     data_dir: str | Path | None = None,
     overwrite: bool = False,
+    latency: bool = False,
 ) -> Card:
     """Evaluate ``model`` on ``dataset``'s official test set, measure it, and write the zoo entry ``name``.
 
-    Returns the sealed card. Every number on it comes from this function's measurements.
+    ``latency=True`` also times the model beside its dense reference architecture (batch 1 and 256, one
+    thread; see :mod:`lit_compress.zoo.latency`). Returns the sealed card. Every number on it comes from
+    this function's measurements.
     """
     from lit_compress.data import DATASETS
 
@@ -155,10 +158,17 @@ def export(
         paper=paper,
         training=dict(training or {}),
         notes=notes,
+        latency=_latency(model, architecture, architecture_kwargs, input_shape) if latency else None,
     ).seal()
     Card.from_dict(card.to_dict(), source=f"card {name!r}")  # validate before anything is written
     write_entry(card, {weights_name: blob}, zoo=zoo, overwrite=overwrite)
     return card
+
+
+def _latency(model: nn.Module, architecture: str, kwargs: dict[str, Any] | None, input_shape: list[int]):
+    from lit_compress.zoo.latency import measure_card_latency
+
+    return measure_card_latency(model, architecture, dict(kwargs or {}), input_shape)
 
 
 def write_entry(

@@ -80,6 +80,9 @@ class ZooExport:
     ``recipe`` is the YAML config of the run; under ``lit-compress fit --config X`` it defaults to ``X``.
     The module must keep its network as ``model_attr`` and say which architecture it is through its
     hyper-parameters ``model`` / ``model_kwargs`` (as :class:`~lit_compress.models.ImageClassifier` does).
+    Compression callbacks describe themselves through ``compression_summary()`` (methods, description, and
+    for physically pruned networks the final ``network`` and its ``structure`` spec). ``latency=True`` adds
+    measured CPU latency beside the dense reference architecture to the card.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class ZooExport:
         model_attr: str = "net",
         overwrite: bool = True,
         codec: str = "safetensors",
+        latency: bool = False,
     ):
         super().__init__()
         from lit_compress.zoo.card import NAME_PATTERN
@@ -116,6 +120,7 @@ class ZooExport:
         self.paper, self.license, self.notes = paper, license, notes
         self.zoo, self.use_best_checkpoint, self.model_attr = zoo, use_best_checkpoint, model_attr
         self.overwrite = overwrite
+        self.latency = latency
         from lit_compress.zoo.storage import get_codec
 
         self.codec = get_codec(codec).name  # unknown codec: clear error now, not after training
@@ -135,9 +140,18 @@ class ZooExport:
                 f"ZooExport: the LightningModule has no nn.Module attribute {self.model_attr!r}"
             )
         arch, kwargs = _architecture(dict(pl_module.hparams))
-        model = copy.deepcopy(net).cpu()
+        summaries = [
+            cb.compression_summary() for cb in trainer.callbacks if hasattr(cb, "compression_summary")
+        ]
+        # A callback that changes the architecture (physical channel removal) hands over the final plain
+        # network and its structure spec; its weights are the final ones (a best checkpoint may predate the
+        # last removal and not fit the smaller shapes).
+        exported = [s for s in summaries if s.get("network") is not None]
+        structure = next((s.get("structure") for s in exported if s.get("structure")), None)
+        model = copy.deepcopy(exported[-1]["network"] if exported else net).cpu()
         checkpoint = getattr(trainer, "checkpoint_callback", None)
-        best = getattr(checkpoint, "best_model_path", "") if self.use_best_checkpoint and checkpoint else ""
+        use_best = self.use_best_checkpoint and checkpoint and not exported
+        best = getattr(checkpoint, "best_model_path", "") if use_best else ""
         if best:
             state, _ = network_state_from_checkpoint(best, prefix=f"{self.model_attr}.")
             model.load_state_dict(state)
@@ -161,9 +175,6 @@ class ZooExport:
             f"{torch.get_num_threads()} threads)",
         }
         methods, description = self.methods, self.description
-        summaries = [
-            cb.compression_summary() for cb in trainer.callbacks if hasattr(cb, "compression_summary")
-        ]
         if methods is None:  # collected from the compression callbacks of the run
             methods = [m for s in summaries for m in s.get("methods", [])]
         if not description:
@@ -186,6 +197,8 @@ class ZooExport:
             data_dir=getattr(datamodule, "data_dir", None),
             overwrite=self.overwrite,
             codec=self.codec,
+            latency=self.latency,
+            structure=structure,
         )
         print(
             f"zoo entry {self.card.name}: top-1 {self.card.metrics.top1:.2%} "

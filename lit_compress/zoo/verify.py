@@ -68,6 +68,8 @@ def verify_entry(
     _compare(problems, "macs.effective", card.macs.effective, macs.effective)
     _compare(problems, "bytes.fp32", card.bytes.fp32, 4 * params.dense)
     _compare(problems, "bytes.file", card.bytes.file, sum(f.bytes for f in card.files))
+    for claimed in card.latency or []:
+        _check_speedup(problems, model, card, claimed)
     recipe = _recipe_file(card)
     if recipe is not None:
         _compare(problems, f"recipe sha256 ({card.recipe.path})", card.recipe.sha256, sha256_file(recipe))
@@ -78,6 +80,29 @@ def verify_entry(
         "macs_effective": macs.effective,
     }
     return VerifyResult(name, not problems, problems, measured, time.perf_counter() - start)
+
+
+def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
+    """Wall-clock time is not reproducible to the digit: only a claimed speed-up must still hold."""
+    if claimed.speedup <= 1.0:
+        return
+    from lit_compress.zoo.latency import measure_card_latency
+
+    (measured,) = measure_card_latency(
+        model,
+        card.architecture.name,
+        card.architecture.kwargs,
+        card.dataset.input_shape,
+        batch_sizes=(claimed.batch_size,),
+        threads=claimed.threads,
+        rounds=3,
+    )
+    if measured.speedup < 1.0:
+        problems.append(
+            f"latency at batch {claimed.batch_size}: card claims {claimed.speedup:.2f}x faster than the "
+            f"dense reference, measured {measured.speedup:.2f}x ({measured.ms:.3f} ms vs "
+            f"{measured.reference_ms:.3f} ms)"
+        )
 
 
 def verify(

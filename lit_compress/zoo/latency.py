@@ -1,0 +1,63 @@
+"""Latency on zoo cards: the shipped model beside its uncompressed reference, measured side by side.
+
+The reference is the card's architecture built fresh (dense, unpruned, no structure spec), so the ratio
+says what the compression bought on this CPU. Both models are timed in alternating rounds in the same
+process (load on a shared machine hits both alike) and the median over rounds is kept.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lit_compress.zoo.card import Latency
+
+
+def reference_model(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+    from lit_compress.models import create_model
+
+    return create_model(architecture, **kwargs).eval()
+
+
+def measure_card_latency(
+    model: nn.Module,
+    architecture: str,
+    architecture_kwargs: dict[str, Any],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 256),
+    threads: int = 1,
+    rounds: int = 5,
+    repeats: int = 20,
+) -> list[Latency]:
+    """One :class:`Latency` per batch size: median ms of ``model`` and of the dense reference."""
+    from lit_compress.measure import measure_latency
+
+    reference = reference_model(architecture, architecture_kwargs)
+    ours: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    theirs: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    for _ in range(rounds):
+        for results, net in ((ours, model), (theirs, reference)):
+            for b, r in measure_latency(
+                net, input_shape, batch_sizes, repeats=repeats, threads=threads
+            ).items():
+                results[b].append(r.median_ms)
+    device = f"cpu ({platform.processor() or platform.machine()})"
+    out = []
+    for b in batch_sizes:
+        ms, ref = statistics.median(ours[b]), statistics.median(theirs[b])
+        out.append(
+            Latency(
+                batch_size=b,
+                threads=threads,
+                ms=round(ms, 4),
+                reference_ms=round(ref, 4),
+                reference=f"dense {architecture}",
+                speedup=round(ref / ms, 3),
+                device=device,
+            )
+        )
+    return out
