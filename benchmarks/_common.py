@@ -178,3 +178,44 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def step_markers():
+    """Two callbacks to place first and last: step start / end and epoch-end wall times."""
+    from lightning.pytorch import Callback
+
+    class First(Callback):
+        def __init__(self) -> None:
+            self.t0: float | None = None
+            self.step_start: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            if self.t0 is None:
+                self.t0 = now
+            self.step_start.append(now)
+
+    class Last(Callback):
+        def __init__(self) -> None:
+            self.t1 = 0.0
+            self.step_end: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.step_end.append(time.perf_counter())
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.t1 = time.perf_counter()
+
+    return First(), Last()
+
+
+def in_memory_loader(num_batches: int, batch_size: int = 128):
+    """MNIST training images normalised once, served in order from memory (no data-loading noise)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lit_compress.data import load_split, normalize
+
+    images, labels = load_split("mnist", "train", download=False)
+    n = num_batches * batch_size
+    x = normalize(images[:n], "mnist").reshape(n, 1, 28, 28).contiguous()
+    return DataLoader(TensorDataset(x, labels[:n].clone()), batch_size=batch_size, shuffle=False)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Any
 
 import _common as C
@@ -47,45 +46,6 @@ TARGETS = {"lenet5": 1.05, "lenet_300_100": 1.10}
 VARIANTS = ("plain", "ours", "modelpruning")
 SPARSITY, EVERY = 0.9, 50
 LR = 0.01  # 0.05 without a schedule diverges on LeNet-5 (NaN weights would distort the timings)
-
-
-def _marker_callbacks():
-    from lightning.pytorch import Callback
-
-    class First(Callback):
-        def __init__(self) -> None:
-            self.t0: float | None = None
-            self.step_start: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            now = time.perf_counter()
-            if self.t0 is None:
-                self.t0 = now
-            self.step_start.append(now)
-
-    class Last(Callback):
-        def __init__(self) -> None:
-            self.t1 = 0.0
-            self.step_end: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.step_end.append(time.perf_counter())
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.t1 = time.perf_counter()
-
-    return First(), Last()
-
-
-def in_memory_loader(num_batches: int, batch_size: int = 128):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lit_compress.data import load_split, normalize
-
-    images, labels = load_split("mnist", "train", download=False)
-    n = num_batches * batch_size
-    x = normalize(images[:n], "mnist").reshape(n, 1, 28, 28).contiguous()
-    return DataLoader(TensorDataset(x, labels[:n].clone()), batch_size=batch_size, shuffle=False)
 
 
 def run(model_name: str, variant: str, steps: int, loader, args) -> dict[str, Any]:
@@ -119,7 +79,7 @@ def run(model_name: str, variant: str, steps: int, loader, args) -> dict[str, An
                 make_pruning_permanent=True,
             )
         )
-    first, last = _marker_callbacks()
+    first, last = C.step_markers()
     trainer = C.make_trainer([first, *callbacks, last], max_steps=steps, max_epochs=-1)
     trainer.fit(model, train_dataloaders=loader)
     if trainer.global_step != steps:
@@ -148,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps % args.batches or args.steps // args.batches < 2:
         parser.error("--steps must be a multiple of --batches, at least 2 epochs")
     C.setup_env(args)
-    loader = in_memory_loader(args.batches)
+    loader = C.in_memory_loader(args.batches)
 
     rows = []
     for model_name in args.models:

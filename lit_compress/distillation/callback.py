@@ -310,7 +310,7 @@ class Distillation:
         hint_total = self._hint_loss(module)
         if hint_total is not None:
             total = total + hint_total
-        if module is not None:
+        if module is not None and _logging_step(module):
             log = functools.partial(
                 module.log, on_step=True, on_epoch=False, batch_size=student_logits.shape[0]
             )
@@ -427,6 +427,16 @@ class Distillation:
             "Distillation: feature hints need an example input to size their adapters; pass "
             "example_input_shape=[C, H, W] or set the module's example_input_array"
         )
+
+
+def _logging_step(module: nn.Module) -> bool:
+    """Whether the loggers write at this step: ``self.log`` costs milliseconds, so skip it when they won't.
+
+    Step-level values logged on other steps are never written (``log_every_n_steps``), so nothing is lost.
+    """
+    trainer = getattr(module, "_trainer", None)
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 def _with_loss(output: Any, transform) -> Any:

@@ -60,6 +60,7 @@ def make_trainer(tmp_path, callbacks, max_steps=6, **kwargs) -> L.Trainer:
         enable_model_summary=False,
         default_root_dir=tmp_path,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,
         **kwargs,
     )
 
@@ -343,6 +344,17 @@ def test_hint_student_layer_missing_is_reported_at_setup(tmp_path):
     cb = Distillation(teacher=spec, hints=[{"student": "net.hiden.0", "teacher": "hidden.0"}])
     with pytest.raises(ValueError, match=r"close names: \['net.hidden.0'"):
         make_trainer(tmp_path, [cb], max_steps=1).fit(student(), data())
+
+
+def test_terms_are_logged_only_on_logging_steps(tmp_path):
+    spec = teacher_file(tmp_path)
+    record = RecordLoss()
+    trainer = make_trainer(tmp_path, [Distillation(teacher=spec), record], max_steps=4)
+    trainer.log_every_n_steps = (
+        3  # the loggers write at steps 2 (and the last); self.log is skipped elsewhere
+    )
+    trainer.fit(student(), data())
+    assert ["distill/soft_loss" in m for m in record.metrics] == [False, False, True, True]
 
 
 def test_temperature_and_alpha_schedules_follow_the_step(tmp_path):
