@@ -88,5 +88,5 @@ def resnet(**kwargs) -> CifarResNet:
     return CifarResNet(**kwargs)
 
 
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 14, 20, 32, 44, 56, 110):
     register_model(f"resnet{_depth}")(lambda _d=_depth, **kw: CifarResNet(depth=_d, **kw))

@@ -30,6 +30,8 @@ def apply_structure(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
     """Return ``model`` reshaped by ``spec`` (unchanged when ``spec`` is None)."""
     if spec is None:
         return model
+    # Registers the "channels" builder (structured pruning); imported here, not at the top, to avoid a cycle.
+    import lit_compress.pruning.structured.spec  # noqa: F401
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind not in _BUILDERS:
         raise ZooFormatError(
