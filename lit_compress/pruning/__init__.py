@@ -30,6 +30,7 @@ __all__ = [
     "PruningSchedule",
     "ScoringContext",
     "SparseLinear",
+    "StructuredPruning",
     "apply_masks",
     "crossover",
     "get_criterion",
@@ -44,8 +45,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "Pruning":  # the callback imports Lightning
+    if name == "Pruning":  # the callbacks import Lightning
         from lit_compress.pruning.callback import Pruning
 
         return Pruning
+    if name == "StructuredPruning":
+        from lit_compress.pruning.structured.callback import StructuredPruning
+
+        return StructuredPruning
     raise AttributeError(f"module 'lit_compress.pruning' has no attribute {name!r}")

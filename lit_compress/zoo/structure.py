@@ -32,6 +32,7 @@ def apply_structure(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
         return model
     # Registers the "channels" builder (structured pruning); imported here, not at the top, to avoid a cycle.
     import lit_compress.pruning.structured.spec  # noqa: F401
+
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind not in _BUILDERS:
         raise ZooFormatError(

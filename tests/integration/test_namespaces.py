@@ -37,6 +37,7 @@ CTOR_KWARGS = {
     "ZooExport": {"name": "lenet_300_100-mnist.pickle-test"},
     "Pruning": {"sparsity": 0.5},
     "Distillation": {"teacher": {"model": "lenet_300_100"}},
+    "StructuredPruning": {"amount": 0.5},
 }
 
 
