@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 from lit_compress.zoo.card import Card
@@ -16,20 +18,44 @@ COLUMNS = (
     "MACs (eff.)",
     "file bytes",
     "params ratio",
+    "MAC ratio",
     "size ratio",
+    "CPU speed-up (batch 1)",
 )
 
 
+@functools.lru_cache(maxsize=64)
+def _reference_counts(architecture: str, kwargs_json: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Parameters and dense MACs of the uncompressed architecture (what a structure spec shrank)."""
+    from lit_compress.measure import count_macs, count_params
+    from lit_compress.models import create_model
+
+    model = create_model(architecture, **json.loads(kwargs_json))
+    return count_params(model).total, round(count_macs(model, input_shape=list(input_shape)).dense)
+
+
+def reference_counts(card: Card) -> tuple[int, int]:
+    """(parameters, MACs) of the card's architecture before compression: ratios are taken against these."""
+    if card.structure is None:
+        return card.params.dense, card.macs.dense
+    kwargs = json.dumps(card.architecture.kwargs, sort_keys=True)
+    return _reference_counts(card.architecture.name, kwargs, tuple(card.dataset.input_shape))
+
+
 def _row(card: Card) -> tuple[str, ...]:
+    params, macs = reference_counts(card)
+    speedup = next((f"{lat.speedup:.2f}x" for lat in card.latency or [] if lat.batch_size == 1), "")
     return (
         card.name,
         f"{card.metrics.top1:.2%}",
         f"{card.metrics.errors} / {card.metrics.num_examples}",
-        f"{card.params.nonzero:,} / {card.params.dense:,}",
+        f"{card.params.nonzero:,} / {params:,}",
         f"{card.macs.effective:,}",
         f"{card.bytes.file:,}",
-        f"{card.compression_ratio:.1f}x",
-        f"{card.size_ratio:.1f}x",
+        f"{params / max(card.params.nonzero, 1):.1f}x",
+        f"{macs / max(card.macs.effective, 1):.1f}x",
+        f"{4 * params / max(card.bytes.file, 1):.1f}x",
+        speedup,
     )
 
 
