@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"models", "data", "measure", "zoo", "cli", "pruning", "distillation"}
+_SUBMODULES = {"models", "data", "measure", "zoo", "cli", "pruning", "distillation", "quantization"}
 
 
 def __getattr__(name: str):

@@ -91,7 +91,7 @@ class ZooExport:
         recipe: str | None = None,
         dataset: str | None = None,
         methods: list[str] | None = None,
-        bits: int = 32,
+        bits: int | None = None,
         description: str = "",
         paper: str = "",
         license: str = "Apache-2.0",
@@ -148,6 +148,12 @@ class ZooExport:
         # last removal and not fit the smaller shapes).
         exported = [s for s in summaries if s.get("network") is not None]
         structure = next((s.get("structure") for s in exported if s.get("structure")), None)
+        quantized = next((s["quantization"] for s in summaries if s.get("quantization")), None)
+        if quantized:  # layers that quantize their inputs are part of the model's function: on the card
+            from lit_compress.quantization.structure import quantized_structure
+
+            structure = quantized_structure(quantized, inner=structure)
+        bits = self.bits or min((int(s["bits"]) for s in summaries if s.get("bits")), default=32)
         model = copy.deepcopy(exported[-1]["network"] if exported else net).cpu()
         checkpoint = getattr(trainer, "checkpoint_callback", None)
         use_best = self.use_best_checkpoint and checkpoint and not exported
@@ -187,7 +193,7 @@ class ZooExport:
             dataset=dataset,
             recipe=self.recipe,
             methods=methods,
-            bits=self.bits,
+            bits=bits,
             compression_description=description,
             paper=self.paper,
             license=self.license,

@@ -38,6 +38,7 @@ CTOR_KWARGS = {
     "Pruning": {"sparsity": 0.5},
     "Distillation": {"teacher": {"model": "lenet_300_100"}},
     "StructuredPruning": {"amount": 0.5},
+    "Quantization": {"method": "binaryconnect"},
 }
 
 

@@ -1,0 +1,67 @@
+"""Quantization-aware training: straight-through estimators, quantizers, quantized layers, callback.
+
+from lit_compress.quantization import Quantization
+Trainer(callbacks=[Quantization(method="binaryconnect")])          # or "bnn", "xnor", "dorefa" (bits=...)
+
+- :mod:`~lit_compress.quantization.ste`: the autograd Functions (forward and gradient rule in each docstring).
+- :mod:`~lit_compress.quantization.quantizers`: named, serialisable quantizers and their registry.
+- :mod:`~lit_compress.quantization.modules`: ``QuantLinear`` / ``QuantConv2d`` (subclasses of the layers they
+  replace, sharing their parameters) and model-level swap / spec / bake helpers.
+- :mod:`~lit_compress.quantization.callback`: the ``Quantization`` Lightning callback (imports Lightning,
+  so it loads on first use).
+"""
+
+from lit_compress.quantization.modules import (
+    QuantConv2d,
+    QuantLinear,
+    apply_quantization_spec,
+    bake_quantized_weights,
+    is_quantized,
+    quantization_spec,
+    quantize_module,
+    replace_submodule,
+)
+from lit_compress.quantization.quantizers import (
+    BinaryQuantizer,
+    DoReFaActivationQuantizer,
+    DoReFaWeightQuantizer,
+    IdentityQuantizer,
+    Quantizer,
+    SignQuantizer,
+    XnorActivationQuantizer,
+    XnorWeightQuantizer,
+    get_quantizer,
+    list_quantizers,
+    register_quantizer,
+)
+
+__all__ = [
+    "BinaryQuantizer",
+    "DoReFaActivationQuantizer",
+    "DoReFaWeightQuantizer",
+    "IdentityQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantization",
+    "Quantizer",
+    "SignQuantizer",
+    "XnorActivationQuantizer",
+    "XnorWeightQuantizer",
+    "apply_quantization_spec",
+    "bake_quantized_weights",
+    "get_quantizer",
+    "is_quantized",
+    "list_quantizers",
+    "quantization_spec",
+    "quantize_module",
+    "register_quantizer",
+    "replace_submodule",
+]
+
+
+def __getattr__(name: str):
+    if name == "Quantization":  # the callback imports Lightning
+        from lit_compress.quantization.callback import Quantization
+
+        return Quantization
+    raise AttributeError(f"module 'lit_compress.quantization' has no attribute {name!r}")
