@@ -372,3 +372,19 @@ def test_temperature_and_alpha_schedules_follow_the_step(tmp_path):
     alphas = [m["distill/alpha"] for m in record.metrics]
     assert temps == pytest.approx([8.0, 6.0, 4.0, 2.0])
     assert alphas == pytest.approx([0.9, 0.7, 0.5, 0.3])
+
+
+def test_composes_with_quantization_apprentice(tmp_path):
+    """Apprentice (Mishra & Marr 2018): a low-precision student distilled from a full-precision teacher."""
+    from lit_compress.quantization.callback import Quantization
+
+    spec = teacher_file(tmp_path)
+    record = RecordLoss()
+    model = student(hidden=(16, 16))
+    quant = Quantization(method="binaryconnect", verbose=False)
+    make_trainer(tmp_path, [quant, Distillation(teacher=spec, alpha=0.7), record], max_steps=4).fit(model, data())
+    hidden = model.net.hidden[1]
+    assert torch.equal(hidden.quantized_weight().abs(), torch.ones_like(hidden.weight))  # binary in the forward
+    assert hidden.weight.abs().max() <= 1.0  # latent weights clipped
+    m = record.metrics[-1]
+    assert record.losses[-1] == pytest.approx(0.3 * m["distill/task_loss"] + 0.7 * m["distill/soft_loss"], rel=1e-5)
