@@ -382,9 +382,15 @@ def test_composes_with_quantization_apprentice(tmp_path):
     record = RecordLoss()
     model = student(hidden=(16, 16))
     quant = Quantization(method="binaryconnect", verbose=False)
-    make_trainer(tmp_path, [quant, Distillation(teacher=spec, alpha=0.7), record], max_steps=4).fit(model, data())
+    make_trainer(tmp_path, [quant, Distillation(teacher=spec, alpha=0.7), record], max_steps=4).fit(
+        model, data()
+    )
     hidden = model.net.hidden[1]
-    assert torch.equal(hidden.quantized_weight().abs(), torch.ones_like(hidden.weight))  # binary in the forward
+    assert torch.equal(
+        hidden.quantized_weight().abs(), torch.ones_like(hidden.weight)
+    )  # binary in the forward
     assert hidden.weight.abs().max() <= 1.0  # latent weights clipped
     m = record.metrics[-1]
-    assert record.losses[-1] == pytest.approx(0.3 * m["distill/task_loss"] + 0.7 * m["distill/soft_loss"], rel=1e-5)
+    assert record.losses[-1] == pytest.approx(
+        0.3 * m["distill/task_loss"] + 0.7 * m["distill/soft_loss"], rel=1e-5
+    )
