@@ -7,10 +7,13 @@ from lit_compress.models import LeNet5, LeNet300100, create_model, list_models
 SHAPES = {
     "lenet_300_100": ({}, (2, 1, 28, 28)),
     "lenet5": ({}, (2, 1, 28, 28)),
+    "lenet5_small": ({}, (2, 1, 28, 28)),
     "mlp": ({"hidden": [32, 16]}, (2, 1, 28, 28)),
     "mlp_2x800": ({}, (2, 1, 28, 28)),
     "mlp_2x1200": ({}, (2, 1, 28, 28)),
     "resnet": ({"depth": 8, "in_chans": 1}, (2, 1, 28, 28)),
+    "resnet8": ({"in_chans": 1}, (2, 1, 28, 28)),
+    "resnet14": ({"shortcut": "B"}, (2, 3, 32, 32)),
     "resnet20": ({}, (2, 3, 32, 32)),
     "resnet32": ({"in_chans": 1}, (2, 1, 28, 28)),
     "resnet44": ({}, (2, 3, 32, 32)),
@@ -39,6 +42,14 @@ def test_published_parameter_counts():
     assert sum(p.numel() for p in LeNet300100().parameters()) == 266_610
     # He et al. 2016: ResNet-20 has 0.27M parameters on CIFAR (3 input channels, option A shortcuts).
     assert sum(p.numel() for p in create_model("resnet20").parameters()) == 269_722
+
+
+def test_lenet5_small_is_four_times_smaller_and_widths_are_validated():
+    small = create_model("lenet5_small")
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (12, 30, 200)
+    assert sum(p.numel() for p in small.parameters()) == 107_552  # 431,080 / 4.01
+    with pytest.raises(ValueError, match="widths must be three positive ints"):
+        LeNet5(widths=(12, 0, 200))
 
 
 def test_lenet5_caffe_layout():
