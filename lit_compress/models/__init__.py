@@ -1,6 +1,7 @@
 """Reference networks (registered by name), the timm bridge and the generic ImageClassifier."""
 
-from lit_compress.models import cifarnet, lenet, mlp, resnet_cifar  # noqa: F401  (register builders)
+from lit_compress.models import binary_nets, cifarnet, lenet, mlp, resnet_cifar  # noqa: F401  (register builders)
+from lit_compress.models.binary_nets import BinaryLeNet5, BinaryMLP
 from lit_compress.models.cifarnet import CifarNet
 from lit_compress.models.lenet import LeNet5, LeNet300100
 from lit_compress.models.mlp import MLP
@@ -10,6 +11,8 @@ from lit_compress.models.resnet_cifar import CifarResNet
 __all__ = [
     "MLP",
     "TIMM_PREFIX",
+    "BinaryLeNet5",
+    "BinaryMLP",
     "CifarNet",
     "CifarResNet",
     "ImageClassifier",

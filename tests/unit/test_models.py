@@ -20,6 +20,8 @@ SHAPES = {
     "resnet56": ({"shortcut": "B"}, (2, 3, 32, 32)),
     "resnet110": ({"in_chans": 1}, (1, 1, 28, 28)),
     "cifarnet": ({}, (2, 3, 32, 32)),
+    "binary_mlp": ({"hidden": [32, 16]}, (2, 1, 28, 28)),
+    "binary_lenet5": ({"widths": [4, 6, 8]}, (2, 1, 28, 28)),
 }
 
 
