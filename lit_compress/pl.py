@@ -30,6 +30,7 @@ from lit_compress.measure import callback as _measure_callback  # noqa: F401
 from lit_compress.pruning import callback as _pruning_callback  # noqa: F401
 from lit_compress.pruning.structured import callback as _structured_callback  # noqa: F401
 from lit_compress.quantization import callback as _quantization_callback  # noqa: F401
+from lit_compress.quantization import int8_callback as _int8_callback  # noqa: F401
 from lit_compress.zoo import from_lightning as _zoo_callback  # noqa: F401
 
 __all__ = sorted(registered_implementations())

@@ -40,6 +40,7 @@ __all__ = [
     "DoReFaActivationQuantizer",
     "DoReFaWeightQuantizer",
     "IdentityQuantizer",
+    "Int8QAT",
     "QuantConv2d",
     "QuantLinear",
     "Quantization",
@@ -60,8 +61,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "Quantization":  # the callback imports Lightning
+    if name == "Quantization":  # the callbacks import Lightning
         from lit_compress.quantization.callback import Quantization
 
         return Quantization
+    if name == "Int8QAT":
+        from lit_compress.quantization.int8_callback import Int8QAT
+
+        return Int8QAT
     raise AttributeError(f"module 'lit_compress.quantization' has no attribute {name!r}")
