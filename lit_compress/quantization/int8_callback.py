@@ -334,7 +334,9 @@ class Int8QAT:
         self._resume_observers()
         net = self._network(pl_module)
         for module in net.modules():
-            if isinstance(module, FakeQuantizeBase):
+            # A fake-quantizer that has never observed data has no ranges yet (per-channel ones cannot even
+            # run): it keeps observing, e.g. in the sanity-check validation before the first training step.
+            if isinstance(module, FakeQuantizeBase) and _has_observed(module):
                 self._paused.append((module, module.observer_enabled.clone()))
                 module.disable_observer()
 
@@ -342,3 +344,9 @@ class Int8QAT:
         for module, enabled in self._paused:
             module.observer_enabled.copy_(enabled)
         self._paused.clear()
+
+
+def _has_observed(fake_quant: nn.Module) -> bool:
+    observer = getattr(fake_quant, "activation_post_process", None)
+    low = getattr(observer, "min_val", None)
+    return isinstance(low, torch.Tensor) and low.numel() > 0 and bool(torch.isfinite(low).all())

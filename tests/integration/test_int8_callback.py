@@ -152,6 +152,16 @@ def test_validation_does_not_move_the_observers(tmp_path):
     assert all(int(m.observer_enabled) == 1 for m in model.net.modules() if isinstance(m, FakeQuantize))
 
 
+def test_sanity_check_validation_before_any_training_step_runs(tmp_path):
+    """Per-channel fake-quantizers cannot run before they have observed once: the first eval pass observes."""
+    model = lenet()
+    fit = trainer(tmp_path, [Int8QAT(verbose=False)], max_steps=2, limit_val_batches=1)
+    fit.num_sanity_val_steps = 1
+    fit.fit(model, data())
+    assert fit.global_step == 2
+    assert all(int(m.observer_enabled) == 1 for m in model.net.modules() if isinstance(m, FakeQuantize))
+
+
 def test_resume_mid_run_equals_uninterrupted_run(tmp_path):
     class StopAt(L.Callback):
         """Ends the run at an optimizer step, as a kill would, without changing max_steps."""
