@@ -138,6 +138,22 @@ def quantized_engine(backend: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+@contextlib.contextmanager
+def _deterministic_check_off() -> Iterator[None]:
+    """torch.ao's int8 CPU kernels are not flagged deterministic (``quantized_resize_cpu_``), so a run with
+    ``Trainer(deterministic=True)`` would refuse them; integer inference has no float-reduction-order
+    nondeterminism, so the check is lifted around the int8 forward and restored afterwards."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
 def _qconfig_mapping(backend: str, qconfig: object):
     from torch.ao.quantization import get_default_qat_qconfig_mapping
 
@@ -451,7 +467,7 @@ class Int8Network(nn.Module):
         _check_backend(self.config.get("backend"))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with quantized_engine(self.config["backend"]):
+        with quantized_engine(self.config["backend"]), _deterministic_check_off():
             return self.model(*args, **kwargs)
 
     def extra_repr(self) -> str:

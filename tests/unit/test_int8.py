@@ -401,3 +401,17 @@ def test_structure_spec_is_plain_data_and_checked_by_the_builder():
         apply_structure(create_model("lenet5"), {**spec, "version": 2})
     with pytest.raises(ZooFormatError, match="does not fit the architecture: int8 backend must be one of"):
         apply_structure(create_model("lenet5"), {**spec, "backend": "tpu"})
+
+
+def test_int8_forward_runs_under_deterministic_algorithms_and_restores_the_flag():
+    """Trainer(deterministic=True) turns the check on; torch.ao's int8 kernels are not flagged so."""
+    torch.manual_seed(0)
+    net = convert_int8(prepare_int8_qat(create_model("lenet5"), torch.randn(2, 1, 28, 28)))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = net(torch.randn(3, 1, 28, 28))
+        assert out.shape == (3, 10)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
