@@ -350,31 +350,45 @@ class Pruning:
     # -- data for data-dependent criteria --------------------------------------------------------------
 
     def _loss_fn(self, pl_module) -> Callable[[Any], torch.Tensor]:
-        def loss(batch: Any) -> torch.Tensor:
-            # Scoring batches are not training steps: logging is suppressed and torchmetrics states
-            # updated inside training_step are restored, so train metrics only see real steps.
-            log, log_dict = pl_module.log, pl_module.log_dict
-            pl_module.log = lambda *a, **k: None
-            pl_module.log_dict = lambda *a, **k: None
-            try:
-                with _metric_states_preserved(pl_module):
-                    return _loss_from_output(pl_module.training_step(batch, 0))
-            finally:
-                pl_module.log, pl_module.log_dict = log, log_dict
-
-        return loss
+        return scoring_loss_fn(pl_module)
 
     def _batches(self, trainer) -> Callable[[], Iterator[Any]]:
-        def batches() -> Iterator[Any]:
-            loader = trainer.train_dataloader
-            if loader is None:
-                raise ValueError("no training dataloader available for a data-dependent pruning criterion")
-            for i, batch in enumerate(loader):
-                if i >= self.data_batches:
-                    return
-                yield trainer.strategy.batch_to_device(batch)
+        return scoring_batches(trainer, self.data_batches, "data-dependent pruning criterion")
 
-        return batches
+
+def scoring_loss_fn(pl_module) -> Callable[[Any], torch.Tensor]:
+    """``batch -> loss`` through the module's own ``training_step``, for data-dependent criteria.
+
+    Scoring batches are not training steps: logging is suppressed and torchmetrics states updated inside
+    ``training_step`` are restored, so train metrics only see real steps.
+    """
+
+    def loss(batch: Any) -> torch.Tensor:
+        log, log_dict = pl_module.log, pl_module.log_dict
+        pl_module.log = lambda *a, **k: None
+        pl_module.log_dict = lambda *a, **k: None
+        try:
+            with _metric_states_preserved(pl_module):
+                return _loss_from_output(pl_module.training_step(batch, 0))
+        finally:
+            pl_module.log, pl_module.log_dict = log, log_dict
+
+    return loss
+
+
+def scoring_batches(trainer, count: int, what: str) -> Callable[[], Iterator[Any]]:
+    """A factory of iterators over the first ``count`` training batches, moved to the strategy's device."""
+
+    def batches() -> Iterator[Any]:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError(f"no training dataloader available for a {what}")
+        for i, batch in enumerate(loader):
+            if i >= count:
+                return
+            yield trainer.strategy.batch_to_device(batch)
+
+    return batches
 
 
 @contextmanager

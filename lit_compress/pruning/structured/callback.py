@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_compress._flavour import lightning_callback
-from lit_compress.pruning.callback import _all_reduce_mean, _loss_from_output, _metric_states_preserved
+from lit_compress.pruning.callback import _all_reduce_mean, scoring_batches, scoring_loss_fn
 from lit_compress.pruning.masks import PreparedMasks, mask_optimizer_state
 from lit_compress.pruning.schedules import PruningSchedule, get_pruning_schedule
 from lit_compress.pruning.structured.criteria import (
@@ -621,29 +621,10 @@ class StructuredPruning:
     # -- data for data-dependent criteria --------------------------------------------------------------
 
     def _loss_fn(self, pl_module) -> Callable[[Any], Tensor]:
-        def loss(batch: Any) -> Tensor:
-            log, log_dict = pl_module.log, pl_module.log_dict
-            pl_module.log = lambda *a, **k: None
-            pl_module.log_dict = lambda *a, **k: None
-            try:
-                with _metric_states_preserved(pl_module):
-                    return _loss_from_output(pl_module.training_step(batch, 0))
-            finally:
-                pl_module.log, pl_module.log_dict = log, log_dict
-
-        return loss
+        return scoring_loss_fn(pl_module)
 
     def _batches(self, trainer) -> Callable[[], Iterator[Any]]:
-        def batches() -> Iterator[Any]:
-            loader = trainer.train_dataloader
-            if loader is None:
-                raise ValueError("no training dataloader available for a data-dependent channel criterion")
-            for i, batch in enumerate(loader):
-                if i >= self.data_batches:
-                    return
-                yield trainer.strategy.batch_to_device(batch)
-
-        return batches
+        return scoring_batches(trainer, self.data_batches, "data-dependent channel criterion")
 
 
 def restore_structure(net: nn.Module, state: Mapping[str, Any]) -> None:
