@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("pattern", nargs="?", default="*")
     ver.add_argument("--data-dir", default=None)
     ver.add_argument("--error-tolerance", type=int, default=0, help="allowed difference in test error count")
+    ver.add_argument(
+        "--latency",
+        action="store_true",
+        help="also re-time entries whose card claims a CPU speed-up and fail if it no longer holds "
+        "(wall-clock: run it on a quiet machine)",
+    )
     ex = sub.add_parser("export", help="turn a Lightning checkpoint of an ImageClassifier into a zoo entry")
     ex.add_argument("--checkpoint", required=True, help=".ckpt written by `lit-compress fit`")
     ex.add_argument("--config", required=True, help="the recipe YAML that produced the checkpoint")
@@ -95,7 +101,7 @@ def _verify(args) -> int:
     from lit_compress.zoo.verify import verify
 
     start = time.perf_counter()
-    results = verify(args.pattern, args.zoo, args.data_dir, args.error_tolerance)
+    results = verify(args.pattern, args.zoo, args.data_dir, args.error_tolerance, args.latency)
     for r in results:
         status = "OK  " if r.ok else "FAIL"
         print(f"{status} {r.name}  ({r.seconds:.1f} s)")

@@ -44,7 +44,11 @@ def _recipe_file(card: Card) -> Path | None:
 
 
 def verify_entry(
-    name: str, zoo: str | Path | None = None, data_dir: str | Path | None = None, error_tolerance: int = 0
+    name: str,
+    zoo: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    error_tolerance: int = 0,
+    check_latency: bool = False,
 ) -> VerifyResult:
     start = time.perf_counter()
     problems: list[str] = []
@@ -68,7 +72,9 @@ def verify_entry(
     _compare(problems, "macs.effective", card.macs.effective, macs.effective)
     _compare(problems, "bytes.fp32", card.bytes.fp32, 4 * params.dense)
     _compare(problems, "bytes.file", card.bytes.file, sum(f.bytes for f in card.files))
-    for claimed in card.latency or []:
+    # Wall-clock time depends on the machine and its load: re-timed only on request (``--latency``).
+    claims = (card.latency or []) if check_latency else []
+    for claimed in claims:
         _check_speedup(problems, model, card, claimed)
     recipe = _recipe_file(card)
     if recipe is not None:
@@ -83,7 +89,7 @@ def verify_entry(
 
 
 def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
-    """Wall-clock time is not reproducible to the digit: only a claimed speed-up must still hold."""
+    """Wall-clock time is not reproducible to the digit: at least half of a claimed speed-up must hold."""
     if claimed.speedup <= 1.0:
         return
     from lit_compress.zoo.latency import measure_card_latency
@@ -97,11 +103,13 @@ def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
         threads=claimed.threads,
         rounds=3,
     )
-    if measured.speedup < 1.0:
+    # At least half of the claimed gain must remain (a claimed 1.6x needs >= 1.3x now).
+    required = 1.0 + 0.5 * (claimed.speedup - 1.0)
+    if measured.speedup < required:
         problems.append(
             f"latency at batch {claimed.batch_size}: card claims {claimed.speedup:.2f}x faster than the "
-            f"dense reference, measured {measured.speedup:.2f}x ({measured.ms:.3f} ms vs "
-            f"{measured.reference_ms:.3f} ms)"
+            f"dense reference, measured {measured.speedup:.2f}x (at least {required:.2f}x required; "
+            f"{measured.ms:.3f} ms vs {measured.reference_ms:.3f} ms)"
         )
 
 
@@ -110,9 +118,10 @@ def verify(
     zoo: str | Path | None = None,
     data_dir: str | Path | None = None,
     error_tolerance: int = 0,
+    check_latency: bool = False,
 ) -> list[VerifyResult]:
     """Verify every entry matching ``pattern``; an empty zoo is an error (nothing was checked)."""
     names = list_models(pattern, zoo)
     if not names:
         raise ZooError(f"no zoo entries match {pattern!r}; nothing to verify")
-    return [verify_entry(n, zoo, data_dir, error_tolerance) for n in names]
+    return [verify_entry(n, zoo, data_dir, error_tolerance, check_latency) for n in names]

@@ -50,7 +50,8 @@ def test_latency_is_measured_beside_the_dense_reference_and_round_trips(stub_eva
     assert [lat.batch_size for lat in card.latency] == [1, 256]
     for lat in card.latency:
         assert lat.ms > 0 and lat.reference_ms > 0 and lat.threads == 1
-        assert lat.speedup == pytest.approx(lat.reference_ms / lat.ms, rel=1e-2)
+        # Both are rounded on the card (ms to 4 decimals): a tiny model's ratio is only good to a few %.
+        assert lat.speedup == pytest.approx(lat.reference_ms / lat.ms, rel=5e-2)
         assert lat.reference == "dense mlp"
     assert zoo.card(card.name, zoo=tmp_path / "zoo") == card
 
@@ -63,10 +64,12 @@ def test_verify_fails_when_a_claimed_speedup_does_not_hold(stub_eval, tmp_path, 
     card.latency = [Latency(1, 1, ms=0.01, reference_ms=1.0, reference="dense mlp", speedup=100.0)]
     path.write_text(card.seal().to_json())
     (result,) = zoo.verify(zoo=root)
+    assert result.ok, result.problems  # wall-clock time is only re-checked on request
+    (result,) = zoo.verify(zoo=root, check_latency=True)
     assert not result.ok
     assert any("card claims 100.00x faster" in p for p in result.problems)
     # A claim of no speed-up (dense entries, distilled students) is not re-timed.
     card.latency = [Latency(1, 1, ms=1.0, reference_ms=1.0, reference="dense mlp", speedup=1.0)]
     path.write_text(card.seal().to_json())
-    (result,) = zoo.verify(zoo=root)
+    (result,) = zoo.verify(zoo=root, check_latency=True)
     assert result.ok, result.problems
