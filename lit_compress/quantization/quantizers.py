@@ -61,6 +61,7 @@ from lit_compress.quantization.ste import (
     dorefa_activation,
     dorefa_weight,
 )
+from lit_compress.schedules import _registrar
 
 __all__ = [
     "KBIT_RANGE",
@@ -119,24 +120,10 @@ class Quantizer:
         return f"{self.name}({args})"
 
 
-def register_quantizer(name: str) -> Callable[[_Q], _Q]:
-    """Class decorator registering a :class:`Quantizer` subclass under ``name`` (also sets ``cls.name``)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"quantizer name must be a non-empty string, got {name!r}")
-
-    def decorator(cls: _Q) -> _Q:
-        if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
-            raise TypeError(f"@register_quantizer({name!r}) expects a Quantizer subclass, got {cls!r}")
-        if name in _QUANTIZERS and _QUANTIZERS[name] is not cls:
-            raise ValueError(
-                f"quantizer name {name!r} is already registered by {_QUANTIZERS[name].__qualname__}; "
-                "choose another name."
-            )
-        cls.name = name
-        _QUANTIZERS[name] = cls
-        return cls
-
-    return decorator
+register_quantizer: Callable[[str], Callable[[_Q], _Q]] = _registrar("quantizer", _QUANTIZERS, Quantizer)
+register_quantizer.__doc__ = (
+    "Class decorator registering a Quantizer subclass under a name (sets ``cls.name``)."
+)
 
 
 def list_quantizers() -> list[str]:

@@ -56,6 +56,7 @@ from lit_compress.pruning.criteria import (
     _scoring_session,
     _take,
 )
+from lit_compress.schedules import _registrar
 
 if TYPE_CHECKING:  # the graph module (engineer A) is only needed for type hints here
     from lit_compress.pruning.structured.graph import ChannelGroup, ChannelRef
@@ -158,26 +159,10 @@ _C = TypeVar("_C", bound=type[ChannelCriterion])
 _CRITERIA: dict[str, type[ChannelCriterion]] = {}
 
 
-def register_channel_criterion(name: str) -> Callable[[_C], _C]:
-    """Class decorator registering a :class:`ChannelCriterion` subclass under ``name`` (sets ``cls.name``)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"channel criterion name must be a non-empty string, got {name!r}")
-
-    def decorator(cls: _C) -> _C:
-        if not (isinstance(cls, type) and issubclass(cls, ChannelCriterion)):
-            raise TypeError(
-                f"@register_channel_criterion({name!r}) expects a ChannelCriterion subclass, got {cls!r}"
-            )
-        if name in _CRITERIA and _CRITERIA[name] is not cls:
-            raise ValueError(
-                f"channel criterion name {name!r} is already registered by {_CRITERIA[name].__qualname__}; "
-                "choose another name."
-            )
-        cls.name = name
-        _CRITERIA[name] = cls
-        return cls
-
-    return decorator
+register_channel_criterion: Callable[[str], Callable[[_C], _C]] = _registrar(
+    "channel criterion", _CRITERIA, ChannelCriterion
+)
+register_channel_criterion.__doc__ = "Class decorator registering a ChannelCriterion subclass under a name."
 
 
 def list_channel_criteria() -> list[str]:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_compress.pruning.structured.criteria import channel_rows, filter_group_parameters
+from lit_compress.schedules import _registrar
 
 if TYPE_CHECKING:
     from lit_compress.pruning.structured.graph import ChannelGroup, ChannelRef
@@ -93,21 +94,8 @@ _P = TypeVar("_P", bound=type[Penalty])
 _PENALTIES: dict[str, type[Penalty]] = {}
 
 
-def register_penalty(name: str) -> Callable[[_P], _P]:
-    """Class decorator registering a :class:`Penalty` subclass under ``name`` (also sets ``cls.name``)."""
-
-    def decorator(cls: _P) -> _P:
-        if not (isinstance(cls, type) and issubclass(cls, Penalty)):
-            raise TypeError(f"@register_penalty({name!r}) expects a Penalty subclass, got {cls!r}")
-        if name in _PENALTIES and _PENALTIES[name] is not cls:
-            raise ValueError(
-                f"penalty name {name!r} is already registered by {_PENALTIES[name].__qualname__}"
-            )
-        cls.name = name
-        _PENALTIES[name] = cls
-        return cls
-
-    return decorator
+register_penalty: Callable[[str], Callable[[_P], _P]] = _registrar("penalty", _PENALTIES, Penalty)
+register_penalty.__doc__ = "Class decorator registering a Penalty subclass under a name (sets ``cls.name``)."
 
 
 def list_penalties() -> list[str]:
