@@ -368,7 +368,8 @@ def generator_from_bytes(saved: tuple[str, bytes]) -> torch.Generator:
 
 def _keep_zeros(x: Tensor, out: Tensor) -> Tensor:
     """``out`` with exact zeros wherever ``x`` is exactly zero (pruned weights stay pruned)."""
-    return out * (x != 0).to(out.dtype)
+    # |sign(x)| is the 0/1 nonzero mask from float kernels (faster than a bool mask); NaN counts as nonzero.
+    return out * torch.nan_to_num(x, nan=1.0).sign_().abs_().to(out.dtype)
 
 
 def _check_bits(owner: str, bits: Any, extra: str = "") -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "dorefa_weight",
     "hard_sigmoid",
     "sign_pm1",
+    "unit_interval_mask",
 ]
 
 
@@ -41,8 +42,21 @@ def sign_pm1(x: Tensor) -> Tensor:
 
     The same convention as the bit packing and the xnor/popcount kernel (bit 1 = ``+1``).
     """
-    one = torch.ones_like(x)
-    return torch.where(x >= 0, one, -one)
+    if not x.is_floating_point():
+        return torch.where(x >= 0, 1, -1).to(x.dtype)
+    # sign(x) + 0.5 is -0.5 / 0.5 / 1.5 for x < 0 / x == 0 / x > 0, so its sign is the +-1 we want. Built
+    # from vectorised float kernels: a bool mask + torch.where is several times slower on CPU.
+    # (torch.sign's vectorised CPU kernel maps NaN to 0, hence the nan_to_num first.)
+    return torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
+
+
+def unit_interval_mask(x: Tensor) -> Tensor:
+    """``1.0`` where ``|x| <= 1``, ``0.0`` elsewhere (NaN included), in ``x``'s dtype: the hard-tanh STE.
+
+    ``sign(1 - |x|) + 1`` is 0 / 1 / 2 below / at / above the boundary; clamped to 1 it is the inclusive
+    mask, computed with float kernels only (comparison ops that produce bool tensors are slow on CPU).
+    """
+    return x.abs().nan_to_num_(nan=2.0).neg_().add_(1.0).sign_().add_(1.0).clamp_(max=1.0)
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -66,7 +80,7 @@ class SignSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+        return grad * unit_interval_mask(x).to(grad.dtype)
 
 
 class BinaryConnectDeterministic(torch.autograd.Function):
@@ -101,7 +115,8 @@ class BinaryConnectStochastic(torch.autograd.Function):
         device = w.device if generator is None else generator.device
         u = torch.rand(w.shape, generator=generator, device=device, dtype=torch.float32).to(w.device)
         p = hard_sigmoid(w.detach().float())
-        return torch.where(u < p, 1.0, -1.0).to(w.dtype)
+        # +1 where u < p: sign(p - u) - 0.5 is 0.5 there and -0.5 / -1.5 elsewhere (float kernels only).
+        return (p - u).sign_().sub_(0.5).sign_().to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -157,7 +172,7 @@ class XnorWeightSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         w, alpha, n, kept = ctx.saved_tensors
-        local = 1.0 / n + alpha * (w.abs() <= 1).to(grad.dtype)
+        local = 1.0 / n + alpha * unit_interval_mask(w).to(grad.dtype)
         return grad * local * kept.to(grad.dtype), None
 
 
