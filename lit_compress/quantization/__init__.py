@@ -7,10 +7,18 @@ Trainer(callbacks=[Quantization(method="binaryconnect")])          # or "bnn", "
 - :mod:`~lit_compress.quantization.quantizers`: named, serialisable quantizers and their registry.
 - :mod:`~lit_compress.quantization.modules`: ``QuantLinear`` / ``QuantConv2d`` (subclasses of the layers they
   replace, sharing their parameters) and model-level swap / spec / bake helpers.
+- :mod:`~lit_compress.quantization.binary_inference`: ``to_binary_inference`` runs trained BNN / XNOR
+  layers with xnor + popcount (:mod:`~lit_compress.quantization.binary_kernel`).
 - :mod:`~lit_compress.quantization.callback`: the ``Quantization`` Lightning callback (imports Lightning,
   so it loads on first use).
 """
 
+from lit_compress.quantization.binary_inference import (
+    BinaryConv2d,
+    binary_inference_plan,
+    to_binary_inference,
+)
+from lit_compress.quantization.binary_kernel import BinaryLinear
 from lit_compress.quantization.modules import (
     QuantConv2d,
     QuantLinear,
@@ -36,6 +44,8 @@ from lit_compress.quantization.quantizers import (
 )
 
 __all__ = [
+    "BinaryConv2d",
+    "BinaryLinear",
     "BinaryQuantizer",
     "DoReFaActivationQuantizer",
     "DoReFaWeightQuantizer",
@@ -50,6 +60,7 @@ __all__ = [
     "XnorWeightQuantizer",
     "apply_quantization_spec",
     "bake_quantized_weights",
+    "binary_inference_plan",
     "get_quantizer",
     "is_quantized",
     "list_quantizers",
@@ -57,6 +68,7 @@ __all__ = [
     "quantize_module",
     "register_quantizer",
     "replace_submodule",
+    "to_binary_inference",
 ]
 
 
