@@ -18,6 +18,11 @@ class LitCompressCLI(LightningCLI):
       the run was launched with (the card then carries that file's path and sha256).
     - Errors raised while building the model, data or callbacks from the config (bad values) end the
       command with the message and exit code 2, like other configuration errors, not a traceback.
+    - ``ModelCheckpoint(monitor=..., save_last=true)`` keeps ``last.ckpt`` current every epoch, so
+      ``--ckpt_path <dir>/last.ckpt`` resumes from the latest epoch. Since Lightning 2.6 such a callback
+      rewrites ``last.ckpt`` only when a new top-k checkpoint is saved (a run whose metric stopped improving
+      would resume from its best epoch, silently repeating training); the CLI hands the ``last.ckpt`` duty
+      to a monitor-free companion ``ModelCheckpoint`` writing the same file after every validation.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -35,6 +40,7 @@ class LitCompressCLI(LightningCLI):
             self.parser.error(f"invalid configuration: {err}")
 
     def before_fit(self) -> None:
+        _keep_last_checkpoint_current(self.trainer)
         configs = self.config[self.subcommand].get("config") or []
         if len(configs) != 1:
             return  # no single recipe file to record (none, or several merged)
@@ -49,3 +55,18 @@ class LitCompressCLI(LightningCLI):
         checkpoint = getattr(self.trainer, "checkpoint_callback", None)
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=False)
+
+
+def _keep_last_checkpoint_current(trainer) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in list(trainer.checkpoint_callbacks):
+        if type(callback) is ModelCheckpoint and callback.save_last is True and callback.monitor is not None:
+            callback.save_last = False
+            companion = ModelCheckpoint(
+                dirpath=callback.dirpath,
+                filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+            trainer.callbacks.append(companion)

@@ -186,6 +186,26 @@ def test_fit_console_script(tmp_path):
     assert "266,610" in proc.stdout + proc.stderr  # CompressionSummary's table
 
 
+def test_last_checkpoint_follows_the_latest_epoch_when_the_monitor_stops_improving(tmp_path, capsys):
+    # monitor "step" in mode min: only the first epoch is ever "best". Lightning >= 2.6 alone would then
+    # leave last.ckpt at that epoch; the CLI keeps it at the latest one, so resuming repeats nothing.
+    root = tmp_path / "run"
+    config = tiny_config(root, max_steps=8)
+    ckpt_dir = root / "ckpts"
+    config["trainer"]["callbacks"][0]["init_args"] = {
+        "dirpath": str(ckpt_dir),
+        "monitor": "step",
+        "mode": "min",
+        "save_last": True,
+    }
+    code, _, err = run_main(capsys, "fit", "--config", str(write_yaml(tmp_path / "r.yaml", config)))
+    assert code == 0, err
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(next(ckpt_dir.glob("epoch=0*.ckpt")), map_location="cpu", weights_only=True)
+    assert (best["global_step"], last["global_step"]) == (4, 8)
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+
 # -- --print_config ------------------------------------------------------------------------------------
 
 
