@@ -107,5 +107,6 @@ class SafetensorsCodec:
 register_codec(SafetensorsCodec())
 
 # Registered here so that every codec is known as soon as the zoo's storage layer is imported.
+from lit_compress.deep_compression import codec as _deep_compression_codec  # noqa: E402, F401
 from lit_compress.quantization import bitpacked_codec as _bitpacked_codec  # noqa: E402, F401
 from lit_compress.zoo import sparse_codec as _sparse_codec  # noqa: E402, F401
