@@ -18,10 +18,11 @@ class LitCompressCLI(LightningCLI):
       the run was launched with (the card then carries that file's path and sha256).
     - Errors raised while building the model, data or callbacks from the config (bad values) end the
       command with the message and exit code 2, like other configuration errors, not a traceback.
-    - ``ModelCheckpoint(monitor=..., save_last=true)`` keeps ``last.ckpt`` current every epoch, so
-      ``--ckpt_path <dir>/last.ckpt`` resumes from the latest epoch. Since Lightning 2.6 such a callback
-      rewrites ``last.ckpt`` only when a new top-k checkpoint is saved (a run whose metric stopped improving
-      would resume from its best epoch, silently repeating training); the CLI hands the ``last.ckpt`` duty
+    - ``ModelCheckpoint(save_last=true)`` with a ``monitor`` or ``save_top_k: 0`` keeps ``last.ckpt`` current
+      every epoch, so ``--ckpt_path <dir>/last.ckpt`` resumes from the latest epoch. Since Lightning 2.6 such
+      a callback rewrites ``last.ckpt`` only when a new top-k checkpoint is saved (a run whose metric stopped
+      improving would resume from its best epoch, silently repeating training; with ``save_top_k: 0`` it is
+      written once, at the end); the CLI hands the ``last.ckpt`` duty
       to a monitor-free companion ``ModelCheckpoint`` writing the same file after every validation.
     """
 
@@ -61,7 +62,10 @@ def _keep_last_checkpoint_current(trainer) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for callback in list(trainer.checkpoint_callbacks):
-        if type(callback) is ModelCheckpoint and callback.save_last is True and callback.monitor is not None:
+        # Lightning 2.6 writes last.ckpt only in a step that saved a top-k checkpoint: with a monitor that is
+        # "improved", with save_top_k=0 never (only once at the end of training).
+        every_epoch = callback.monitor is None and callback.save_top_k != 0
+        if type(callback) is ModelCheckpoint and callback.save_last is True and not every_epoch:
             callback.save_last = False
             companion = ModelCheckpoint(
                 dirpath=callback.dirpath,

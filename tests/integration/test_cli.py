@@ -206,6 +206,40 @@ def test_last_checkpoint_follows_the_latest_epoch_when_the_monitor_stops_improvi
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
 
 
+@pytest.mark.parametrize("args", [{"monitor": "step", "mode": "min"}, {"save_top_k": 0}])
+def test_last_checkpoint_survives_a_crash_in_the_next_epoch(tmp_path, args):
+    # A run that dies in epoch 2 must leave last.ckpt at the end of epoch 1 (step 8). Without the CLI's
+    # companion, Lightning 2.6 leaves it at epoch 0 (monitor no longer improving) or writes none at all
+    # (save_top_k 0 saves last.ckpt only when training ends normally).
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_compress.data import SyntheticDataModule
+    from lit_compress.lightning_cli import _keep_last_checkpoint_current
+    from lit_compress.models import ImageClassifier
+
+    class Crash(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("simulated crash")
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, **args)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint, Crash()],
+    )
+    _keep_last_checkpoint_current(trainer)
+    dm = SyntheticDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(ImageClassifier(model="lenet_300_100"), datamodule=dm)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 8
+
+
 # -- --print_config ------------------------------------------------------------------------------------
 
 
