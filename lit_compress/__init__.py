@@ -9,7 +9,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"models", "data", "measure", "zoo", "cli", "pruning", "distillation", "quantization"}
+_SUBMODULES = {
+    "models",
+    "data",
+    "measure",
+    "zoo",
+    "cli",
+    "pruning",
+    "distillation",
+    "quantization",
+    "deep_compression",
+}
 
 
 def __getattr__(name: str):
