@@ -19,6 +19,8 @@ _SUBMODULES = {
     "distillation",
     "quantization",
     "deep_compression",
+    "factorization",
+    "gating",
 }
 
 

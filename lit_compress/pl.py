@@ -27,6 +27,8 @@ from lit_compress._flavour import make_flavour, registered_implementations
 # Importing these modules registers their callback implementations.
 from lit_compress.deep_compression import sharing_callback as _sharing_callback  # noqa: F401
 from lit_compress.distillation import callback as _distillation_callback  # noqa: F401
+from lit_compress.factorization import callback as _factorization_callback  # noqa: F401
+from lit_compress.gating import blockdrop_callback as _blockdrop_callback  # noqa: F401
 from lit_compress.measure import callback as _measure_callback  # noqa: F401
 from lit_compress.pruning import callback as _pruning_callback  # noqa: F401
 from lit_compress.pruning.structured import callback as _structured_callback  # noqa: F401

@@ -30,7 +30,9 @@ def apply_structure(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
     """Return ``model`` reshaped by ``spec`` (unchanged when ``spec`` is None)."""
     if spec is None:
         return model
-    # Register the "channels", "quantized" and "int8" builders; imported here to avoid import cycles.
+    # Register the builders of every kind; imported here (not at module level) to avoid import cycles.
+    import lit_compress.factorization.spec
+    import lit_compress.gating.structure
     import lit_compress.pruning.structured.spec
     import lit_compress.quantization.int8
     import lit_compress.quantization.structure  # noqa: F401
