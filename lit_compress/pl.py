@@ -29,8 +29,10 @@ from lit_compress.deep_compression import sharing_callback as _sharing_callback 
 from lit_compress.distillation import callback as _distillation_callback  # noqa: F401
 from lit_compress.factorization import callback as _factorization_callback  # noqa: F401
 from lit_compress.gating import blockdrop_callback as _blockdrop_callback  # noqa: F401
+from lit_compress.gating import fbs_callback as _fbs_callback  # noqa: F401
 from lit_compress.measure import callback as _measure_callback  # noqa: F401
 from lit_compress.pruning import callback as _pruning_callback  # noqa: F401
+from lit_compress.pruning import depth_callback as _depth_callback  # noqa: F401
 from lit_compress.pruning.structured import callback as _structured_callback  # noqa: F401
 from lit_compress.quantization import callback as _quantization_callback  # noqa: F401
 from lit_compress.quantization import int8_callback as _int8_callback  # noqa: F401

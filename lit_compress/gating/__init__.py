@@ -5,6 +5,11 @@
 - :mod:`~lit_compress.gating.blockdrop_callback`: the ``BlockDrop`` Lightning callback (imports Lightning, so
   it loads on first use: ``from lit_compress.gating import BlockDrop``).
 - :mod:`~lit_compress.gating.structure`: the zoo's ``blockdrop`` structure kind.
+- :mod:`~lit_compress.gating.fbs`: Feature Boosting and Suppression (saliency predictors, winner-take-all
+  channel gates, eval that computes only the kept channels, per-image MAC statistics);
+  :mod:`~lit_compress.gating.fbs_callback`: the ``FBS`` callback; :mod:`~lit_compress.gating.fbs_structure`:
+  the zoo's ``fbs`` structure kind.
+- :mod:`~lit_compress.gating.statistics`: per-image MAC / decision statistics of any gated net (zoo cards).
 """
 
 import importlib
@@ -27,30 +32,63 @@ from lit_compress.gating.blockdrop import (
     summarize_decisions,
     ungate_blocks,
 )
+from lit_compress.gating.fbs import (
+    FBSBatchNorm2d,
+    FBSConv2d,
+    LayerPlan,
+    MacStatistics,
+    apply_fbs,
+    fbs_layers,
+    layer_plans,
+    mac_statistics,
+    macs_per_image,
+    plan_fbs,
+    set_density,
+    winner_take_all,
+)
+from lit_compress.gating.fbs_structure import fbs_structure
+from lit_compress.gating.statistics import dynamic_statistics, is_dynamic
 
 # Callbacks import Lightning: name -> module, loaded on first access.
 _CALLBACKS = {
     "BlockDrop": "lit_compress.gating.blockdrop_callback",
+    "FBS": "lit_compress.gating.fbs_callback",
 }
 
 __all__ = [
+    "FBS",
     "BlockCosts",
     "BlockDrop",
     "BlockDropNetwork",
+    "FBSBatchNorm2d",
+    "FBSConv2d",
     "GateState",
+    "LayerPlan",
+    "MacStatistics",
     "PolicyNet",
+    "apply_fbs",
     "block_costs",
     "block_shortcut",
     "blockdrop_reward",
     "bound_probs",
+    "dynamic_statistics",
+    "fbs_layers",
+    "fbs_structure",
     "find_blocks",
     "gate_blocks",
     "gating_statistics",
+    "is_dynamic",
+    "layer_plans",
     "learned_blocks",
+    "mac_statistics",
+    "macs_per_image",
+    "plan_fbs",
     "register_shortcut",
     "reinforce_loss",
+    "set_density",
     "summarize_decisions",
     "ungate_blocks",
+    "winner_take_all",
 ]
 
 

@@ -6,6 +6,7 @@ the same code (same preprocessing as the datamodules: ``lit_compress.data.normal
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,3 +39,29 @@ def evaluate_on(
         model.train(was_training)
     n = len(labels)
     return Metrics(top1=(n - errors) / n, errors=errors, num_examples=n)
+
+
+def image_batches(
+    dataset: str, split: str = "test", data_dir: str | Path | None = None, batch_size: int = 1000
+) -> Iterator[torch.Tensor]:
+    """The split's images, normalised as :func:`evaluate_on` feeds them, in batches (no labels)."""
+    from lit_compress.data import load_split, normalize
+
+    images, _ = load_split(dataset, split, data_dir=data_dir)
+    for start in range(0, len(images), batch_size):
+        yield normalize(images[start : start + batch_size], dataset)
+
+
+def per_image_statistics(
+    model: nn.Module, dataset: str, split: str = "test", data_dir: str | Path | None = None
+) -> dict | None:
+    """Per-image MAC (and decision) statistics of a dynamic network over the split; None for a static one.
+
+    Gated networks (BlockDrop, FBS) spend different work on each image, so their card reports the mean over
+    the real test set instead of the count of one example input.
+    """
+    if not any(type(m).__module__.startswith("lit_compress.gating") for m in model.modules()):
+        return None
+    from lit_compress.gating.statistics import dynamic_statistics
+
+    return dynamic_statistics(model, image_batches(dataset, split, data_dir))

@@ -59,6 +59,19 @@ def measure_entry(model: nn.Module, input_shape: list[int]) -> tuple[Params, Mac
     )
 
 
+def dynamic_macs(
+    model: nn.Module, macs: Macs, dataset: str, data_dir: str | Path | None = None
+) -> tuple[Macs, dict[str, Any] | None]:
+    """For a dynamic (gated) network: effective MACs = the mean per image over the test set, and the
+    statistics behind it; ``(macs, None)`` unchanged for a static network."""
+    from lit_compress.zoo.evaluate import per_image_statistics
+
+    stats = per_image_statistics(model, dataset, "test", data_dir)
+    if stats is None:
+        return macs, None
+    return Macs(dense=macs.dense, effective=round(stats["macs_mean"])), stats
+
+
 def recipe_ref(recipe: str | Path | None, command: str | None = None) -> Recipe:
     """Card reference to the config that produced an entry: repo-relative path + sha256."""
     if recipe is None:
@@ -129,6 +142,9 @@ def export(
     input_shape = list(DATASETS[dataset].image_shape)
     metrics = evaluate_on(model, dataset, "test", data_dir=data_dir)
     params, macs, layers = measure_entry(model, input_shape)
+    macs, dynamic = dynamic_macs(model, macs, dataset, data_dir)
+    if dynamic is not None:  # a gated net: its card carries the test-set statistics of its decisions
+        gating = {**(gating or {}), "statistics": dynamic}
     chosen = get_codec(codec)
     weights_name = "model" + chosen.suffix
     blob = chosen.encode(dict(model.state_dict()), metadata={"name": name, "format": codec})

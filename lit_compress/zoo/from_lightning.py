@@ -153,6 +153,7 @@ class ZooExport:
             from lit_compress.quantization.structure import quantized_structure
 
             structure = quantized_structure(quantized, inner=structure)
+        gating = next((s["gating"] for s in summaries if s.get("gating")), None)
         bits = self.bits or min((int(s["bits"]) for s in summaries if s.get("bits")), default=32)
         model = copy.deepcopy(exported[-1]["network"] if exported else net).cpu()
         checkpoint = getattr(trainer, "checkpoint_callback", None)
@@ -205,6 +206,7 @@ class ZooExport:
             codec=self.codec,
             latency=self.latency,
             structure=structure,
+            gating=gating,
         )
         print(
             f"zoo entry {self.card.name}: top-1 {self.card.metrics.top1:.2%} "

@@ -32,7 +32,9 @@ def apply_structure(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
         return model
     # Register the builders of every kind; imported here (not at module level) to avoid import cycles.
     import lit_compress.factorization.spec
+    import lit_compress.gating.fbs_structure
     import lit_compress.gating.structure
+    import lit_compress.pruning.depth_spec
     import lit_compress.pruning.structured.spec
     import lit_compress.quantization.int8
     import lit_compress.quantization.structure  # noqa: F401

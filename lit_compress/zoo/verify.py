@@ -15,7 +15,7 @@ from pathlib import Path
 from lit_compress.zoo.card import Card
 from lit_compress.zoo.errors import ZooError
 from lit_compress.zoo.evaluate import evaluate_on
-from lit_compress.zoo.export import REPO_ROOT, measure_entry
+from lit_compress.zoo.export import REPO_ROOT, dynamic_macs, measure_entry
 from lit_compress.zoo.loader import load
 from lit_compress.zoo.registry import list_models
 from lit_compress.zoo.storage import sha256_file
@@ -58,6 +58,7 @@ def verify_entry(
         return VerifyResult(name, False, [str(err)], seconds=time.perf_counter() - start)
     metrics = evaluate_on(model, card.dataset.name, card.dataset.split, data_dir=data_dir)
     params, macs, _ = measure_entry(model, card.dataset.input_shape)
+    macs, _ = dynamic_macs(model, macs, card.dataset.name, data_dir)
     if abs(metrics.errors - card.metrics.errors) > error_tolerance:
         problems.append(
             f"test errors: card {card.metrics.errors}, measured {metrics.errors} "

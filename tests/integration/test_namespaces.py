@@ -39,6 +39,7 @@ CTOR_KWARGS = {
     "Distillation": {"teacher": {"model": "lenet_300_100"}},
     "StructuredPruning": {"amount": 0.5},
     "Quantization": {"method": "binaryconnect"},
+    "LowRank": {"energy": 0.9},
 }
 
 
