@@ -5,6 +5,7 @@ Trainer(callbacks=[Pruning(sparsity=0.92, criterion="magnitude", schedule="itera
                            schedule_args={"rounds": 3, "steps_per_round": 2000})])
 """
 
+from lit_compress.pruning import neuron_criteria  # noqa: F401  (registers "maxout_activity", "correlation")
 from lit_compress.pruning.criteria import Criterion, ScoringContext, get_criterion, register_criterion
 from lit_compress.pruning.masks import apply_masks, global_masks, layerwise_masks, sparsity_stats
 from lit_compress.pruning.schedules import (
@@ -17,11 +18,18 @@ from lit_compress.pruning.schedules import (
     get_pruning_schedule,
     register_pruning_schedule,
 )
+from lit_compress.pruning.sensitivity import (
+    load_plan,
+    plan_from_sensitivity,
+    save_plan,
+    sensitivity_analysis,
+)
 from lit_compress.pruning.sparse_inference import SparseLinear, crossover, to_sparse_inference
 
 __all__ = [
     "Criterion",
     "DenseSparseDense",
+    "DepthPruning",
     "Gradual",
     "Iterative",
     "LotteryTicket",
@@ -37,8 +45,12 @@ __all__ = [
     "get_pruning_schedule",
     "global_masks",
     "layerwise_masks",
+    "load_plan",
+    "plan_from_sensitivity",
     "register_criterion",
     "register_pruning_schedule",
+    "save_plan",
+    "sensitivity_analysis",
     "sparsity_stats",
     "to_sparse_inference",
 ]
@@ -53,4 +65,8 @@ def __getattr__(name: str):
         from lit_compress.pruning.structured.callback import StructuredPruning
 
         return StructuredPruning
+    if name == "DepthPruning":
+        from lit_compress.pruning.depth_callback import DepthPruning
+
+        return DepthPruning
     raise AttributeError(f"module 'lit_compress.pruning' has no attribute {name!r}")
