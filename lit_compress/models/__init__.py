@@ -1,9 +1,17 @@
 """Reference networks (registered by name), the timm bridge and the generic ImageClassifier."""
 
-from lit_compress.models import binary_nets, cifarnet, lenet, mlp, resnet_cifar  # noqa: F401  (register builders)
+from lit_compress.models import (  # noqa: F401  (register builders)
+    binary_nets,
+    cifarnet,
+    lenet,
+    maxout,
+    mlp,
+    resnet_cifar,
+)
 from lit_compress.models.binary_nets import BinaryLeNet5, BinaryMLP
 from lit_compress.models.cifarnet import CifarNet
 from lit_compress.models.lenet import LeNet5, LeNet300100
+from lit_compress.models.maxout import Maxout, MaxoutMLP
 from lit_compress.models.mlp import MLP
 from lit_compress.models.registry import TIMM_PREFIX, create_model, list_models, register_model
 from lit_compress.models.resnet_cifar import CifarResNet
@@ -18,6 +26,8 @@ __all__ = [
     "ImageClassifier",
     "LeNet5",
     "LeNet300100",
+    "Maxout",
+    "MaxoutMLP",
     "create_model",
     "list_models",
     "register_model",

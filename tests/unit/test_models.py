@@ -5,6 +5,7 @@ from lit_compress.models import LeNet5, LeNet300100, create_model, list_models
 
 # (kwargs, input shape) per registered model: every name must appear here.
 SHAPES = {
+    "maxout_mlp": ({"units": [8, 6], "pieces": 3}, (2, 1, 28, 28)),
     "lenet_300_100": ({}, (2, 1, 28, 28)),
     "lenet5": ({}, (2, 1, 28, 28)),
     "lenet5_small": ({}, (2, 1, 28, 28)),
