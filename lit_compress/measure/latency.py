@@ -45,8 +45,13 @@ def measure_latency(
     repeats: int = 20,
     warmup: int = 3,
     threads: int = 1,
+    inputs: torch.Tensor | None = None,
 ) -> dict[int, LatencyResult]:
     """Time ``model`` on seeded random batches of each size; return ``{batch_size: LatencyResult}``.
+
+    ``inputs`` (``[N, *input_shape]``, e.g. real test images): time on those instead, a different window of
+    ``batch_size`` images for each call (cycling). Needed for input-dependent (gated) networks, whose work
+    on random noise says nothing about their work on real data.
 
     Runs under ``torch.inference_mode()`` in eval mode with ``torch.set_num_threads(threads)``; the
     modules' modes and the previous thread count are restored afterwards, even on error. CUDA models are
@@ -70,11 +75,12 @@ def measure_latency(
         torch.set_num_threads(threads)
         with eval_mode(model), torch.inference_mode():
             for batch_size in sizes:
-                x = random_batch(model, shape, batch_size)
+                batches = _batches(model, shape, batch_size, inputs)
                 for _ in range(warmup):
-                    model(x)
+                    model(next(batches))
                 times = []
                 for _ in range(repeats):
+                    x = next(batches)
                     sync()
                     start = time.perf_counter()
                     model(x)
@@ -86,3 +92,24 @@ def measure_latency(
     finally:
         torch.set_num_threads(previous_threads)
     return results
+
+
+def _batches(model: nn.Module, shape: tuple[int, ...], batch_size: int, inputs: torch.Tensor | None):
+    """Endless batches: one seeded random batch, or consecutive windows of ``inputs`` (wrapping around)."""
+    if inputs is None:
+        x = random_batch(model, shape, batch_size)
+        while True:
+            yield x
+    if tuple(inputs.shape[1:]) != tuple(shape) or inputs.shape[0] < 1:
+        expected = ", ".join(map(str, shape))
+        raise ValueError(f"inputs must have shape [N, {expected}], got {list(inputs.shape)}")
+    device, dtype = model_device_dtype(model)
+    pool = inputs.to(device=device, dtype=dtype)
+    if pool.shape[0] < batch_size:
+        pool = pool.repeat((batch_size + pool.shape[0] - 1) // pool.shape[0], *([1] * len(shape)))
+    start = 0
+    while True:
+        if start + batch_size > pool.shape[0]:
+            start = 0
+        yield pool[start : start + batch_size]
+        start += batch_size

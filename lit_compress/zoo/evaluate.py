@@ -65,3 +65,13 @@ def per_image_statistics(
     from lit_compress.gating.statistics import dynamic_statistics
 
     return dynamic_statistics(model, image_batches(dataset, split, data_dir))
+
+
+def timing_images(
+    model: nn.Module, dataset: str, data_dir: str | Path | None = None, count: int = 512
+) -> torch.Tensor | None:
+    """The first ``count`` test images (normalised) for timing a dynamic network; None for a static one,
+    which is timed on random input (its work does not depend on the data)."""
+    if not any(type(m).__module__.startswith("lit_compress.gating") for m in model.modules()):
+        return None
+    return next(image_batches(dataset, "test", data_dir, batch_size=count))

@@ -174,17 +174,28 @@ def export(
         paper=paper,
         training=dict(training or {}),
         notes=notes,
-        latency=_latency(model, architecture, architecture_kwargs, input_shape) if latency else None,
+        latency=_latency(model, architecture, architecture_kwargs, input_shape, dataset, data_dir)
+        if latency
+        else None,
     ).seal()
     Card.from_dict(card.to_dict(), source=f"card {name!r}")  # validate before anything is written
     write_entry(card, {weights_name: blob}, zoo=zoo, overwrite=overwrite)
     return card
 
 
-def _latency(model: nn.Module, architecture: str, kwargs: dict[str, Any] | None, input_shape: list[int]):
+def _latency(
+    model: nn.Module,
+    architecture: str,
+    kwargs: dict[str, Any] | None,
+    input_shape: list[int],
+    dataset: str,
+    data_dir: str | Path | None,
+):
+    from lit_compress.zoo.evaluate import timing_images
     from lit_compress.zoo.latency import measure_card_latency
 
-    return measure_card_latency(model, architecture, dict(kwargs or {}), input_shape)
+    inputs = timing_images(model, dataset, data_dir)  # real images for a gated net, else random
+    return measure_card_latency(model, architecture, dict(kwargs or {}), input_shape, inputs=inputs)
 
 
 def write_entry(

@@ -46,8 +46,12 @@ def measure_card_latency(
     threads: int = 1,
     rounds: int = 5,
     repeats: int = 20,
+    inputs: Any = None,
 ) -> list[Latency]:
-    """One :class:`Latency` per batch size: median ms of ``model`` and of the dense reference."""
+    """One :class:`Latency` per batch size: median ms of ``model`` and of the dense reference.
+
+    ``inputs``: real images to time on (both models), for gated networks whose work depends on the input.
+    """
     from lit_compress.measure import measure_latency
 
     reference = reference_model(architecture, architecture_kwargs)
@@ -57,7 +61,7 @@ def measure_card_latency(
     for _ in range(rounds):
         for results, net in ((ours, model), (theirs, reference)):
             for b, r in measure_latency(
-                net, input_shape, batch_sizes, repeats=repeats, threads=threads
+                net, input_shape, batch_sizes, repeats=repeats, threads=threads, inputs=inputs
             ).items():
                 results[b].append(r.median_ms)
     device = f"cpu ({platform.processor() or platform.machine()})"

@@ -93,6 +93,7 @@ def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
     """Wall-clock time is not reproducible to the digit: at least half of a claimed speed-up must hold."""
     if claimed.speedup <= 1.0:
         return
+    from lit_compress.zoo.evaluate import timing_images
     from lit_compress.zoo.latency import measure_card_latency
 
     (measured,) = measure_card_latency(
@@ -103,6 +104,7 @@ def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
         batch_sizes=(claimed.batch_size,),
         threads=claimed.threads,
         rounds=3,
+        inputs=timing_images(model, card.dataset.name),
     )
     # At least half of the claimed gain must remain (a claimed 1.6x needs >= 1.3x now).
     required = 1.0 + 0.5 * (claimed.speedup - 1.0)

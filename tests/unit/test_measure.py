@@ -303,6 +303,22 @@ def test_latency_restores_threads_and_mode():
         measure_latency(net, [784], repeats=0)
 
 
+def test_latency_on_given_inputs_cycles_through_windows_of_them():
+    seen: list[torch.Tensor] = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append(x[:, 0].clone())
+            return x
+
+    images = torch.arange(5.0).view(5, 1)
+    measure_latency(Recorder(), [1], batch_sizes=(2,), repeats=3, warmup=1, inputs=images)
+    # warm-up [0, 1], then [2, 3], a wrap-around (only 1 image left) to [0, 1], then [2, 3]
+    assert [t.tolist() for t in seen] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    with pytest.raises(ValueError, match=r"inputs must have shape \[N, 3\]"):
+        measure_latency(Recorder(), [3], batch_sizes=(1,), repeats=1, inputs=images)
+
+
 def test_importing_measure_does_not_import_lightning():
     code = "import sys, lit_compress.measure; print(any(m.startswith('lightning') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
