@@ -132,6 +132,7 @@ class ZooExport:
 
     def on_fit_end(self, trainer, pl_module) -> None:
         wall = time.perf_counter() - self._start
+        resumed = getattr(trainer, "ckpt_path", None)
         if trainer.global_rank != 0:
             return
         net = getattr(pl_module, self.model_attr, None)
@@ -169,7 +170,9 @@ class ZooExport:
                 "ZooExport: pass dataset='mnist' (the datamodule does not say which dataset it is)"
             )
         training = {
-            "wall_time_s": round(wall, 1),
+            # A resumed run's earlier segments ran in other processes: their time is unknown here.
+            "wall_time_s": None if resumed else round(wall, 1),
+            **(_resume_note(resumed, wall) if resumed else {}),
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
             "seed": os.environ.get("PL_GLOBAL_SEED"),
@@ -213,3 +216,7 @@ class ZooExport:
             f"({self.card.metrics.errors}/{self.card.metrics.num_examples} test errors), "
             f"{self.card.params.nonzero:,}/{self.card.params.dense:,} nonzero params"
         )
+
+
+def _resume_note(checkpoint: object, wall: float) -> dict[str, Any]:
+    return {"resumed_from": Path(str(checkpoint)).name, "last_segment_s": round(wall, 1)}

@@ -328,6 +328,27 @@ def test_pruned_run_exports_a_sparse_zoo_entry(tmp_path, shared_data_dir, monkey
     assert zoo.verify_entry(card.name, zoo=tmp_path / "zoo").ok
 
 
+def test_zoo_card_of_a_resumed_run_does_not_claim_the_last_segment_as_training_time(
+    tmp_path, shared_data_dir, monkeypatch
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_compress import zoo
+
+    monkeypatch.setenv("LIT_COMPRESS_DATA", str(shared_data_dir))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    first = trainer(tmp_path / "a", [checkpoint], max_steps=2, enable_checkpointing=True)
+    first.fit(ImageClassifier(model="lenet_300_100"), SyntheticDataModule())
+    export = zoo.ZooExport(name="lenet_300_100-mnist.resumed", dataset="mnist", zoo=str(tmp_path / "zoo"))
+    resumed = trainer(tmp_path / "b", [export], max_steps=3)
+    resumed.fit(
+        ImageClassifier(model="lenet_300_100"), SyntheticDataModule(), ckpt_path=tmp_path / "ck" / "last.ckpt"
+    )
+    training = export.card.training
+    assert training["wall_time_s"] is None and training["resumed_from"] == "last.ckpt"
+    assert training["last_segment_s"] >= 0 and training["steps"] == 3
+
+
 def test_export_returns_a_plain_network_with_zeros(tmp_path):
     model = tiny_classifier()
     cb = Pruning(sparsity=0.6)
