@@ -460,6 +460,16 @@ def test_gating_statistics_per_image_macs():
     assert stats["block_usage"]["layer1.0"] == 1.0 and stats["block_usage"]["layer1.1"] == 0.0
 
 
+def test_dynamic_statistics_dispatches_to_blockdrop_and_ignores_static_nets():
+    from lit_compress.gating.statistics import dynamic_statistics, is_dynamic
+
+    model, plain = blockdrop_network("B")
+    x = x_batch(6)
+    assert is_dynamic(model) and not is_dynamic(plain)
+    assert dynamic_statistics(model, [x]) == gating_statistics(model, [x])
+    assert dynamic_statistics(plain, [x]) is None
+
+
 def test_block_costs_needs_gated_blocks():
     with pytest.raises(ValueError, match="not gated"):
         block_costs(tiny_resnet(), BLOCKS14, x_batch(1))
