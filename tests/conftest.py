@@ -17,3 +17,30 @@ def shared_data_dir() -> Path:
     if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+_DISTRIBUTED_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GLOBAL_RANK",
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    """Lightning's DDP strategies write MASTER_ADDR / WORLD_SIZE / LOCAL_RANK ... into os.environ. Left
+    behind, they make a later test's DDP launcher believe it is an already-started rank (and wait for a peer
+    that never comes), so every test gets the distributed variables it started with back."""
+    import os
+
+    before = {key: os.environ.get(key) for key in _DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -412,7 +412,12 @@ def test_ddp_ranks_replace_identically_and_keep_training_in_sync(tmp_path):
 
     script = tmp_path / "ddp_factorize.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    # Distributed variables left in os.environ by earlier in-process DDP tests would make Lightning believe
+    # this script is an already-launched rank and wait forever for the other one.
+    launched = {"LOCAL_RANK", "RANK", "GLOBAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    leftover = ("MASTER_", "PL_")
+    clean = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith(leftover)}
+    env = {**clean, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )
