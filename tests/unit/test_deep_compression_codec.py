@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -314,7 +313,7 @@ def test_bad_settings_and_input_are_refused():
         CODEC.encode({}, {"epoch": 3})
 
 
-def test_encoding_a_lenet5_sized_state_is_fast():
+def test_encoding_a_lenet5_sized_state_round_trips():
     g = torch.Generator().manual_seed(0)
     shapes = {"conv1": (20, 1, 5, 5), "conv2": (50, 20, 5, 5), "fc1": (500, 800), "fc2": (10, 500)}
     state = {}
@@ -322,10 +321,7 @@ def test_encoding_a_lenet5_sized_state_is_fast():
         state[f"{name}.weight"] = pruned_shared(shape, 0.08, 32, seed=i)
         state[f"{name}.bias"] = torch.randn(shape[0], generator=g)
     assert sum(t.numel() for t in state.values()) == 431_080
-    start = time.perf_counter()
-    blob = CODEC.encode(state, {})
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"encoding LeNet-5 took {elapsed:.2f} s"
+    blob = CODEC.encode(state, {})  # speed: benchmarks/deep_compression.py
     for name, t in CODEC.decode(blob, "lenet5").items():
         assert_bit_identical(t, state[name])
 

@@ -1,7 +1,6 @@
 """Canonical Huffman coding: round trips, optimality against a reference, hand-computed blobs, refusals."""
 
 import heapq
-import time
 
 import numpy as np
 import pytest
@@ -108,15 +107,11 @@ def test_code_length_limit_is_respected():
         code_lengths(np.arange(1, 18), max_length=4)
 
 
-def test_decoding_100k_symbols_is_fast():
+def test_round_trip_of_100k_symbols_over_a_257_symbol_alphabet():
+    # A LeNet-scale stream (codec speed is measured by benchmarks/deep_compression.py, not asserted here).
     rng = np.random.default_rng(1)
     sym = rng.choice(257, size=100_000, p=rng.dirichlet(np.full(257, 0.5)))
-    blob = huffman_encode(sym)
-    start = time.perf_counter()
-    out = huffman_decode(blob)
-    elapsed = time.perf_counter() - start
-    assert np.array_equal(out, sym)
-    assert elapsed < 1.0, f"decoding 100k symbols took {elapsed:.2f} s"
+    assert np.array_equal(huffman_decode(huffman_encode(sym)), sym)
 
 
 def test_bad_symbols_are_refused():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -140,13 +138,12 @@ def test_stops_at_iters_with_members_at_their_cluster_mean():
     torch.testing.assert_close(result.centroids[used], sums[used] / counts[used])
 
 
-def test_300k_weights_256_clusters_under_a_second():
+def test_300k_weights_256_clusters():
+    # Sizes of a real layer (speed is measured by benchmarks/deep_compression.py, not asserted here).
     values = torch.randn(300_000, generator=torch.Generator().manual_seed(0)) * 0.05
-    kmeans_1d(values[:1000], 16)  # warm-up
-    start = time.perf_counter()
     result = kmeans_1d(values, 256, iters=100)
-    assert time.perf_counter() - start < 1.0
     assert result.labels.shape == (300_000,) and int(result.labels.max()) < 256
+    assert int(result.counts().gt(0).sum()) == 256
 
 
 def test_deterministic():
