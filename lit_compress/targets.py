@@ -87,3 +87,21 @@ def select_parameters(model: nn.Module, spec: TargetSpec) -> dict[str, nn.Parame
     if not selected:
         raise ValueError(f"include {list(spec.include)} minus exclude {list(spec.exclude)} selects nothing")
     return selected
+
+
+def network_of(pl_module: nn.Module, model_attr: str | None, owner: str) -> nn.Module:
+    """``pl_module.<model_attr>`` (the whole module for ``None``): the network a callback works on.
+
+    ``owner`` names the callback in the error raised when the attribute is missing or not a module.
+    """
+    if model_attr is None:
+        return pl_module
+    net = getattr(pl_module, model_attr, None)
+    if not isinstance(net, nn.Module):
+        children = [n for n, _ in pl_module.named_children()]
+        raise ValueError(
+            f"{owner}(model_attr={model_attr!r}): the LightningModule has no nn.Module attribute "
+            f"{model_attr!r}; its submodules are {children}. Set model_attr to the network's attribute, or "
+            "null for the whole module."
+        )
+    return net

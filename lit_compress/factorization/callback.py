@@ -64,6 +64,7 @@ from lit_compress.factorization.spec import (
 from lit_compress.measure._util import eval_mode
 from lit_compress.pruning.callback import _all_reduce_mean, scoring_batches, scoring_loss_fn
 from lit_compress.pruning.structured.callback import _rewrap_ddp, _spawns_workers
+from lit_compress.targets import network_of
 
 __all__ = [
     "DEPTHWISE_INITS",
@@ -270,17 +271,7 @@ class _Replacement:
         return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(self._prefix + name, pattern)
 
     def _network(self, pl_module: nn.Module) -> nn.Module:
-        if self.model_attr is None:
-            return pl_module
-        net = getattr(pl_module, self.model_attr, None)
-        if not isinstance(net, nn.Module):
-            children = [n for n, _ in pl_module.named_children()]
-            raise ValueError(
-                f"{type(self).__name__}(model_attr={self.model_attr!r}): the LightningModule has no "
-                f"nn.Module attribute {self.model_attr!r}; its submodules are {children}. Set model_attr "
-                "to the network's attribute, or null for the whole module."
-            )
-        return net
+        return network_of(pl_module, self.model_attr, type(self).__name__)
 
     def _targets(self, net: nn.Module) -> dict[str, nn.Module]:
         """Targeted layers (FQN inside the network -> module): exactly the ``_types``, outside pairs that are

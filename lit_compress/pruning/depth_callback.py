@@ -60,6 +60,7 @@ from lit_compress.pruning.depth import (
     select_blocks,
     stage_of,
 )
+from lit_compress.targets import network_of
 
 __all__ = ["CRITERIA", "DepthPruning"]
 
@@ -488,17 +489,7 @@ class DepthPruning:
         return "" if self.model_attr is None else f"{self.model_attr}."
 
     def _network(self, pl_module: nn.Module) -> nn.Module:
-        if self.model_attr is None:
-            return pl_module
-        net = getattr(pl_module, self.model_attr, None)
-        if not isinstance(net, nn.Module):
-            children = [n for n, _ in pl_module.named_children()]
-            raise ValueError(
-                f"DepthPruning(model_attr={self.model_attr!r}): the LightningModule has no nn.Module "
-                f"attribute {self.model_attr!r}; its submodules are {children}. Set model_attr to the "
-                "network's attribute, or null for the whole module."
-            )
-        return net
+        return network_of(pl_module, self.model_attr, "DepthPruning")
 
     # -- resume ----------------------------------------------------------------------------------------
 

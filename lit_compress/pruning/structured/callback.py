@@ -56,6 +56,7 @@ from lit_compress.pruning.structured.criteria import (
 from lit_compress.pruning.structured.graph import ChannelGroup, ChannelRef, channel_groups
 from lit_compress.pruning.structured.penalties import Penalty, get_penalty
 from lit_compress.pruning.structured.removal import rebuild_optimizer, remove_channels
+from lit_compress.targets import network_of
 
 __all__ = ["REMOVE_MODES", "StructuredPruning", "restore_structure"]
 
@@ -382,17 +383,7 @@ class StructuredPruning:
         return self.amount
 
     def _network(self, pl_module: nn.Module) -> nn.Module:
-        if self.model_attr is None:
-            return pl_module
-        net = getattr(pl_module, self.model_attr, None)
-        if not isinstance(net, nn.Module):
-            children = [n for n, _ in pl_module.named_children()]
-            raise ValueError(
-                f"StructuredPruning(model_attr={self.model_attr!r}): the LightningModule has no nn.Module "
-                f"attribute {self.model_attr!r}; its submodules are {children}. Set model_attr to the "
-                "network's attribute, or null to prune the whole module."
-            )
-        return net
+        return network_of(pl_module, self.model_attr, "StructuredPruning")
 
     def _is_reduced(self, net: nn.Module | None) -> bool:
         return net is not None and self._reduced is not None and self._reduced() is net
