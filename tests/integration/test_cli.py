@@ -472,14 +472,14 @@ def test_zoo_list_shipped(shipped_zoo, capsys):
         card = _card_json(name)
         assert f"{card['metrics']['top1']:.2%}" in row
         assert f"{card['metrics']['errors']} / {card['metrics']['num_examples']}" in row
-        # Ratios are against the uncompressed architecture (a structure-spec entry's own count is smaller).
+        # Ratios are against the uncompressed architecture (a structure-spec entry's own count differs:
+        # smaller when channels or blocks were removed, larger when FBS added saliency predictors).
         reference = card["params"]["dense"]
         if card.get("structure"):
             from lit_compress.models import create_model
 
             arch = card["architecture"]
             reference = sum(p.numel() for p in create_model(arch["name"], **arch["kwargs"]).parameters())
-            assert reference >= card["params"]["dense"]
         assert f"{card['params']['nonzero']:,} / {reference:,}" in row
 
     code, out, _ = run_main(capsys, "zoo", "list", "lenet_300_100-*")
