@@ -82,7 +82,13 @@ from lit_compress.deep_compression.relative_index import (
     insert_fillers,
 )
 from lit_compress.zoo.errors import ZooFormatError
-from lit_compress.zoo.storage import refuse_pickle, register_codec
+from lit_compress.zoo.storage import (
+    RAW_DTYPE_NAMES,
+    RAW_DTYPES,
+    prepare_tensors,
+    refuse_pickle,
+    register_codec,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -100,19 +106,7 @@ MAX_CODEBOOK = 256
 
 _PREAMBLE = struct.Struct("<8sHI32s")  # magic, version, header length, header sha256
 _MAX_HEADER = 1 << 26  # decompressed header bytes accepted (a zlib bomb must not eat the memory)
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPES, _DTYPE_NAMES = RAW_DTYPES, RAW_DTYPE_NAMES
 # Floating dtypes that can be shared: the unsigned numpy view of their bit patterns.
 _PATTERN = {
     torch.float16: (torch.int16, np.dtype("<u2")),
@@ -344,21 +338,7 @@ class DeepCompressionCodec:
 
 
 def _prepare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    if not isinstance(tensors, dict):
-        raise TypeError(f"tensors must be a dict name -> tensor (a state_dict), got {type(tensors).__name__}")
-    out = {}
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype not in _DTYPE_NAMES:
-            raise ValueError(
-                f"{name!r} has dtype {t.dtype}, which the deep-compression codec cannot store; "
-                f"supported: {sorted(_DTYPES)}"
-            )
-        out[name] = t.detach().cpu().contiguous()
-    return out
+    return prepare_tensors(tensors, "deep-compression")
 
 
 # ---------------------------------------------------------------------------------------------- reading

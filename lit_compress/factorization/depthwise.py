@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_compress.factorization.lowrank import dense_conv_like
+
 __all__ = [
     "DepthwiseSeparableConv2d",
     "PatchMoment",
@@ -108,17 +110,7 @@ class DepthwiseSeparableConv2d(nn.Sequential):
 
     def dense_like(self, device: Any = "meta") -> nn.Conv2d:
         """A plain ``nn.Conv2d`` of the shape this pair replaces (weights uninitialised on ``meta``)."""
-        return nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self[1].bias is not None,
-            padding_mode=self.padding_mode,
-            device=device,
-        )
+        return dense_conv_like(self, device)
 
     def extra_repr(self) -> str:
         return (

@@ -95,6 +95,22 @@ class LowRankLinear(nn.Sequential):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def dense_conv_like(pair: nn.Sequential, device: Any = "meta") -> nn.Conv2d:
+    """The plain ``nn.Conv2d`` a two-conv replacement stands for: its recorded geometry, the bias of its
+    second conv (shared by the low-rank and depthwise-separable pairs)."""
+    return nn.Conv2d(
+        pair.in_channels,
+        pair.out_channels,
+        pair.kernel_size,
+        pair.stride,
+        pair.padding,
+        pair.dilation,
+        bias=pair[1].bias is not None,
+        padding_mode=pair.padding_mode,
+        device=device,
+    )
+
+
 class LowRankConv2d(nn.Sequential):
     """``Conv2d(C -> N, k_h x k_w)`` as two convolutions of rank ``K`` (``scheme``: see the module docstring).
 
@@ -143,17 +159,7 @@ class LowRankConv2d(nn.Sequential):
 
     def dense_like(self, device: Any = "meta") -> nn.Conv2d:
         """A plain ``nn.Conv2d`` of the shape this pair replaces (weights uninitialised on ``meta``)."""
-        return nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self[1].bias is not None,
-            padding_mode=self.padding_mode,
-            device=device,
-        )
+        return dense_conv_like(self, device)
 
     def extra_repr(self) -> str:
         return (

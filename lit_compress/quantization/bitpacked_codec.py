@@ -70,26 +70,20 @@ from lit_compress.quantization.packing import (
     restore_quantized,
 )
 from lit_compress.zoo.errors import ZooFormatError
-from lit_compress.zoo.storage import refuse_pickle, register_codec
+from lit_compress.zoo.storage import (
+    RAW_DTYPE_NAMES,
+    RAW_DTYPES,
+    prepare_tensors,
+    refuse_pickle,
+    register_codec,
+)
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "BitpackedCodec", "bytes_report", "read_index"]
 
 MAGIC = b"LCBITPK\x00"
 FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct("<8sII32s")  # magic, version, header length, header sha256
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPES, _DTYPE_NAMES = RAW_DTYPES, RAW_DTYPE_NAMES
 _PARTS = {
     "raw": ("data",),
     "binary": ("signs", "scales"),
@@ -185,21 +179,7 @@ def _plan(name: str, t: Tensor) -> tuple[str, int, dict[str, bytes]]:
 
 
 def _prepare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    if not isinstance(tensors, dict):
-        raise TypeError(f"tensors must be a dict name -> tensor (a state_dict), got {type(tensors).__name__}")
-    out = {}
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype not in _DTYPE_NAMES:
-            raise ValueError(
-                f"{name!r} has dtype {t.dtype}, which the bitpacked codec cannot store; "
-                f"supported: {sorted(_DTYPES)}"
-            )
-        out[name] = t.detach().cpu().contiguous()
-    return out
+    return prepare_tensors(tensors, "bitpacked")
 
 
 def bytes_report(state_dict: dict[str, Tensor]) -> list[dict[str, Any]]:

@@ -104,6 +104,42 @@ class SafetensorsCodec:
             raise ZooFormatError(f"{source}: malformed safetensors file ({err})") from err
 
 
+# Dtypes the compressed codecs (bitpacked, deep-compression) store raw, by their names in the file headers.
+RAW_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+RAW_DTYPE_NAMES = {v: k for k, v in RAW_DTYPES.items()}
+
+
+def prepare_tensors(tensors: dict[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
+    """Validate a state_dict for a compressed codec: non-empty string names, tensors of a storable dtype;
+    returns detached, contiguous CPU copies (views where possible) in the same order."""
+    if not isinstance(tensors, dict):
+        raise TypeError(f"tensors must be a dict name -> tensor (a state_dict), got {type(tensors).__name__}")
+    out = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in RAW_DTYPE_NAMES:
+            raise ValueError(
+                f"{name!r} has dtype {t.dtype}, which the {codec} codec cannot store; "
+                f"supported: {sorted(RAW_DTYPES)}"
+            )
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
 register_codec(SafetensorsCodec())
 
 # Registered here so that every codec is known as soon as the zoo's storage layer is imported.
