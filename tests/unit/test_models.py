@@ -107,3 +107,21 @@ def test_local_weights_file_refuses_pickled_objects(tmp_path):
     torch.save({"fc1.weight": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refusing to load"):
         create_model("lenet_300_100", weights=tmp_path / "evil.pt")
+
+
+def test_resnet_stochastic_depth_skips_residuals_per_image_in_training_only():
+    torch.manual_seed(0)
+    model = create_model("resnet14", in_chans=1, drop_path_rate=0.6)
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
+    assert [b.drop_path for b in blocks] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # linear (Huang)
+    block = blocks[-1].train()  # 64 -> 64 channels, identity shortcut
+    x = torch.randn(64, 64, 7, 7)
+    with torch.no_grad():
+        out = block(x)
+    skipped = [torch.equal(out[i], torch.relu(x[i])) for i in range(x.shape[0])]  # branch dropped: relu(x)
+    assert 10 < sum(skipped) < 54  # per image, about 60% of 64
+    model.eval()
+    y = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(y), model(y))  # eval never skips
+    with pytest.raises(ValueError, match=r"drop_path_rate .* must be in \[0, 1\), got 1.0"):
+        create_model("resnet8", drop_path_rate=1.0)
