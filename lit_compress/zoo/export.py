@@ -7,6 +7,7 @@ only when complete, so a crash never leaves a half-written entry where the regis
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import platform
 import shutil
@@ -201,30 +202,88 @@ def _latency(
 def write_entry(
     card: Card, blobs: dict[str, bytes], zoo: str | Path | None = None, overwrite: bool = False
 ) -> Path:
-    """Write card + files into a staging folder, then rename it to ``<zoo>/<name>`` in one step."""
+    """Write card + files into a staging folder, then rename it to ``<zoo>/<name>`` in one step.
+
+    Any failure (disk full, read-only or unwritable folder, an interrupt) removes the staging folder and
+    leaves the zoo as it was: no new entry, no temporary files, and on ``overwrite`` the old entry back in
+    place. File-system errors are re-raised as the same ``OSError`` subclass (same ``errno``) with a
+    message naming the entry, the zoo folder and the path that failed.
+    """
     root = zoo_dir(zoo)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / card.name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(err, card.name, root) from err
     if final.exists() and not overwrite:
         raise FileExistsError(
             f"zoo entry {card.name!r} already exists at {final}; pass overwrite=True (CLI: --overwrite) "
             "to replace it, or choose another tag."
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{card.name}-", dir=root))
+    staging: Path | None = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{card.name}-", dir=root))
         staging.chmod(default_mode(directory=True))
         for rel, data in blobs.items():
             atomic_write_bytes(staging / rel, data)
         atomic_write_bytes(staging / CARD_FILE, card.to_json().encode())
         if final.exists():
-            # Two renames: the old entry moves aside (hidden) before the new one takes its name.
-            retired = Path(tempfile.mkdtemp(prefix=f".retired-{card.name}-", dir=root))
-            os.rename(final, retired / card.name)
-            os.rename(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
+            _replace_entry(staging, final)
         else:
             os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _write_error(err, card.name, root) from err
         raise
     return final
+
+
+def _replace_entry(staging: Path, final: Path) -> None:
+    """Swap a complete staged entry in for the existing ``final``; on failure put the old entry back."""
+    # Two renames: the old entry moves aside (hidden) before the new one takes its name.
+    retired = Path(tempfile.mkdtemp(prefix=f".retired-{final.name}-", dir=final.parent))
+    try:
+        os.rename(final, retired / final.name)
+    except BaseException:
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    try:
+        os.rename(staging, final)
+    except BaseException as err:
+        try:
+            os.rename(retired / final.name, final)
+        except OSError as restore_err:  # pragma: no cover - a rename back within one folder failing
+            raise OSError(
+                getattr(err, "errno", None) or restore_err.errno,
+                f"{err}; the previous entry could not be moved back ({restore_err}): it is intact at "
+                f"{retired / final.name}, move it to {final} by hand",
+            ) from err
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _write_error(err: OSError, name: str, root: Path) -> OSError:
+    """``err`` again (same errno, hence the same ``OSError`` subclass), saying what was not written where."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, or export to another folder (zoo=..., CLI: --zoo)"
+    elif err.errno in _READ_ONLY_ERRNOS:
+        hint = (
+            "the zoo folder is not writable: fix its permissions or export to a writable folder "
+            "(zoo=..., CLI: --zoo)"
+        )
+    else:
+        hint = "fix the cause above and export again"
+    where = err.filename if err.filename is not None else root
+    message = (
+        f"cannot write zoo entry {name!r} into {root}: {err.strerror or err} (at {where}); nothing was "
+        f"written, the zoo folder holds no partial entry; {hint}"
+    )
+    if err.errno is None:
+        return OSError(message)
+    return OSError(err.errno, message)
