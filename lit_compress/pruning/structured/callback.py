@@ -696,11 +696,11 @@ def _first_tensor(batch: Any) -> Tensor | None:
 
 
 def _spawns_workers(trainer) -> bool:
-    """Whether the strategy runs the fit in worker processes and copies the weights back (``ddp_spawn``)."""
-    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+    """Whether the strategy runs the fit in worker processes and copies the weights back (``ddp_spawn``), in
+    either Lightning namespace."""
+    from lit_compress._strategy import spawns_workers
 
-    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
-    return isinstance(launcher, _MultiProcessingLauncher)
+    return spawns_workers(trainer)
 
 
 def _rewrap_ddp(trainer) -> None:
