@@ -55,7 +55,8 @@ class LitCompressCLI(LightningCLI):
             return
         checkpoint = getattr(self.trainer, "checkpoint_callback", None)
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=False)
+        # weights_only: the run's checkpoints hold tensors and plain containers only; never unpickle objects.
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
 
 
 def _keep_last_checkpoint_current(trainer) -> None:

@@ -46,12 +46,13 @@ Header (short keys: the ratio counts the whole file, header included)::
        {"n": "fc1.bias", "e": "r", "d": "float32", "s": [300], "h": "<sha256 of the raw bytes>"},
        ...]}
 
-**Decoding validates everything** before returning a tensor: magic, version, header length and sha256,
-zlib stream (bounded size, no trailing data), JSON structure and exact key sets, names, dtypes, shapes,
-part lengths against the payload, each tensor's sha256 (before any stream is parsed), then the streams
-themselves: canonical Huffman blobs, weight symbols ``<= k``, every codebook entry used, the codebook
-distinct, nonzero and in canonical order, as many gaps as weight symbols, fillers only where required and
-no entry past the tensor's end. Any failure raises :class:`~lit_compress.zoo.errors.ZooFormatError`.
+**Decoding validates everything** before returning a tensor: magic, version, header length and sha256, zlib
+stream (bounded size, no trailing data), JSON structure and exact key sets, names, dtypes, shapes (shared
+tensors: at most :data:`MAX_SHARED_ELEMENTS` elements per file), part lengths against the payload, each
+tensor's sha256 (before any stream is parsed), then the streams themselves: canonical Huffman blobs, weight
+symbols ``<= k``, every codebook entry used, the codebook distinct, nonzero and in canonical order, as many
+gaps as weight symbols, fillers only where required and no entry past the tensor's end.
+Any failure raises :class:`~lit_compress.zoo.errors.ZooFormatError`.
 Encoding decodes its own output once and refuses (RuntimeError) to write anything that does not read
 back bit-identically.
 """
@@ -94,6 +95,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_CODEBOOK",
+    "MAX_SHARED_ELEMENTS",
     "DeepCompressionCodec",
     "read_header",
     "stream_report",
@@ -106,6 +108,10 @@ MAX_CODEBOOK = 256
 
 _PREAMBLE = struct.Struct("<8sHI32s")  # magic, version, header length, header sha256
 _MAX_HEADER = 1 << 26  # decompressed header bytes accepted (a zlib bomb must not eat the memory)
+MAX_SHARED_ELEMENTS = 1 << 28
+"""Most elements the shared tensors of one file may have together (VGG-16 has 1.4e8). A shared tensor's
+size is not bounded by its bytes (a pruned-away or constant tensor takes a few bytes whatever its shape),
+so this bound is what keeps a hostile shape in a tiny file from allocating terabytes."""
 _DTYPES, _DTYPE_NAMES = RAW_DTYPES, RAW_DTYPE_NAMES
 # Floating dtypes that can be shared: the unsigned numpy view of their bit patterns.
 _PATTERN = {
@@ -306,9 +312,20 @@ class DeepCompressionCodec:
         _match(self.share, names, "share")
         if isinstance(self.index_bits, dict):
             _match(self.index_bits, names, "index_bits")
-        entries, chunks = [], []
+        entries, chunks, shared_numel = [], [], 0
         for name, t in prepared.items():
             entry, parts = self._plan(name, t)
+            if entry["e"] == "s":
+                shared_numel += t.numel()
+                if shared_numel > MAX_SHARED_ELEMENTS:  # the decoder would refuse it: never write that
+                    if self._forced(name):
+                        raise ValueError(
+                            f"{name!r}: the shared tensors would hold {shared_numel} elements, more than the "
+                            f"{MAX_SHARED_ELEMENTS} a deep-compression file may; share fewer tensors"
+                        )
+                    shared_numel -= t.numel()
+                    entry = {"n": name, "e": "r", "d": _DTYPE_NAMES[t.dtype], "s": list(t.shape)}
+                    parts = [_raw_bytes(t)]
             entry["h"] = hashlib.sha256(b"".join(parts)).hexdigest()
             entries.append(entry)
             chunks.extend(parts)
@@ -414,9 +431,17 @@ def _validate_header(index: object, payload_len: int, source: str) -> None:
     if not isinstance(tensors, list):
         raise _fail(source, "header 't' (tensors) must be a list")
     names: set[str] = set()
-    total = 0
+    total = shared_numel = 0
     for i, entry in enumerate(tensors):
         total += _validate_entry(entry, i, names, source)
+        if entry["e"] == "s":
+            shared_numel += math.prod(entry["s"])
+            if shared_numel > MAX_SHARED_ELEMENTS:
+                raise _fail(
+                    source,
+                    f"{entry['n']!r}: shared tensors of {shared_numel} elements (shape {entry['s']}), at "
+                    f"most {MAX_SHARED_ELEMENTS} elements are accepted per file (a corrupted header?)",
+                )
     if total != payload_len:
         raise _fail(source, f"the tensors' parts cover {total} of {payload_len} payload bytes")
 
@@ -585,7 +610,7 @@ def _row(entry: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:
         stats.update(indices_bytes=0, codebook_bytes=0, raw_bytes=len(parts[0]))
     else:
         k, b = entry["k"], entry["b"]
-        weights = huffman_decode(parts[1])
+        weights = huffman_decode(parts[1], max_count=numel + (numel >> b) + 1)
         fillers = int(np.count_nonzero(weights == k))
         entries = int(weights.size)
         w = max(1, math.ceil(math.log2(k + (fillers > 0)))) if entries else 0

@@ -23,10 +23,11 @@ bits.
     the code bit stream, zero-padded to a whole byte (no trailing byte)
 
 A stream with a single distinct symbol stores that symbol with length 1 and an *empty* bit stream (the
-count says how many copies: 0 bits per symbol). Otherwise the lengths must form a complete prefix code
-(Kraft sum exactly 1), every symbol with a code must occur, and ``L`` must be the largest length: every
-valid stream has exactly one blob, and anything else (truncation, bad lengths, more or fewer symbols than
-announced, nonzero padding, trailing bytes) raises :class:`~lit_compress.zoo.errors.ZooFormatError`.
+count says how many copies: 0 bits per symbol). Otherwise the lengths must be exactly the ones
+:func:`code_lengths` gives for the decoded symbols' counts (so they form a complete prefix code and every
+symbol with a code occurs), and ``L`` must be the largest length: every valid stream has exactly one blob,
+and anything else (truncation, bad or non-canonical lengths, more or fewer symbols than announced, nonzero
+padding, trailing bytes, a count above ``max_count``) raises :class:`~lit_compress.zoo.errors.ZooFormatError`.
 
 **Speed.** Encoding is vectorised. Decoding computes, for every bit position at once (numpy), the length
 of the code that would start there (one ``searchsorted`` over the canonical limits); only the walk from
@@ -42,6 +43,7 @@ import numpy as np
 __all__ = [
     "MAX_ALPHABET",
     "MAX_CODE_LENGTH",
+    "MAX_SYMBOLS",
     "canonical_codes",
     "code_lengths",
     "huffman_decode",
@@ -54,6 +56,10 @@ MAX_CODE_LENGTH = 24
 
 MAX_ALPHABET = 1 << 20
 """Symbols must be below this (the code-length table has one entry per symbol up to the largest)."""
+
+MAX_SYMBOLS = 1 << 26
+"""Most symbols :func:`huffman_decode` returns when the caller gives no ``max_count``: a single-symbol
+stream has no code bits, so only a bound keeps a corrupted count from allocating terabytes."""
 
 _CHUNK = 1 << 18  # bit positions whose code lengths are computed per numpy pass while decoding
 
@@ -305,8 +311,9 @@ def huffman_decode(data: bytes, *, count: int | None = None, max_count: int | No
     """Inverse of :func:`huffman_encode`: the symbols as a 1-D int64 array.
 
     ``count``, when given, is the number of symbols the caller expects (a different announced count is an
-    error); ``max_count`` bounds it (a corrupted count must not make a zero-bit stream allocate terabytes).
-    Raises ZooFormatError on any malformed blob; see the module docstring.
+    error); ``max_count`` bounds it (a corrupted count must not make a zero-bit stream allocate terabytes;
+    without it, at most :data:`MAX_SYMBOLS` are accepted). Raises ZooFormatError on any malformed blob; see
+    the module docstring.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -317,6 +324,11 @@ def huffman_decode(data: bytes, *, count: int | None = None, max_count: int | No
         raise _corrupt(f"announces {n_sym} symbols, expected {count}")
     if max_count is not None and n_sym > max_count:
         raise _corrupt(f"announces {n_sym} symbols, at most {max_count} are possible here")
+    if max_count is None and count is None and n_sym > MAX_SYMBOLS:
+        raise _corrupt(
+            f"announces {n_sym} symbols, more than the {MAX_SYMBOLS} accepted without a bound; "
+            "pass max_count (or count) to decode a longer stream"
+        )
     if n_sym == 0 or n == 0:
         if n_sym or n or pos != len(buf):
             raise _corrupt(f"an empty stream must be exactly two zero bytes ({n_sym} symbols, alphabet {n})")
@@ -333,6 +345,8 @@ def huffman_decode(data: bytes, *, count: int | None = None, max_count: int | No
     if (present[used] == 0).any():
         missing = int(used[np.argmax(present[used] == 0)])
         raise _corrupt(f"symbol {missing} has a code but never occurs (not a canonical stream)")
+    if not np.array_equal(code_lengths(present), lengths):
+        raise _corrupt("the code lengths are not the Huffman lengths of the decoded symbols (not canonical)")
     return symbols
 
 

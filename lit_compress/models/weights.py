@@ -12,14 +12,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     ``weights_only=True`` refuses pickled code objects; a Lightning checkpoint's ``state_dict`` entry is
     unwrapped (its ``net.`` / ``model.`` prefixes are kept: pass the network's own state_dict instead).
+    Anything unreadable raises ValueError naming the file (:class:`~lit_compress.zoo.errors.ZooFormatError`,
+    a ValueError, for a malformed ``.safetensors``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        # Through the zoo's wrapper: a pickle / torch.save file under this suffix is refused before anything
+        # is parsed, and malformed bytes become a ValueError naming the file (not a SafetensorError).
+        from lit_compress.zoo.storage import SafetensorsCodec
 
-        return load_file(str(path))
+        return SafetensorsCodec().decode(path.read_bytes(), source=repr(str(path)))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError with the blocked global named

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -157,7 +158,11 @@ class Card:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "card", check_seal: bool = True) -> Card:
-        card = _build(cls, data, source)
+        try:
+            card = _build(cls, data, source)
+        except RecursionError:
+            raise CardValidationError(f"{source}: the card is nested too deeply to be a card") from None
+        _check_files(card.files, f"{source}.files")
         if card.schema_version != SCHEMA_VERSION:
             raise CardValidationError(
                 f"{source}: schema_version {card.schema_version} is not supported by this lit_compress "
@@ -179,10 +184,22 @@ class Card:
         return card
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "card", check_seal: bool = True) -> Card:
+    def from_json(cls, text: str | bytes, *, source: str = "card", check_seal: bool = True) -> Card:
+        """Parse a card; ``text`` may be the raw bytes of ``card.json`` (they must be UTF-8)."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CardValidationError(f"{source}: not UTF-8 text ({err}); a card is UTF-8 JSON") from err
+        if not isinstance(text, str):
+            raise TypeError(
+                f"{source}: expected the card's JSON text (str or bytes), got {type(text).__name__}"
+            )
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except RecursionError:
+            raise CardValidationError(f"{source}: not valid JSON (nested too deeply)") from None
+        except ValueError as err:  # JSONDecodeError, and integers past Python's digit limit
             raise CardValidationError(f"{source}: not valid JSON ({err})") from err
         return cls.from_dict(data, source=source, check_seal=check_seal)
 
@@ -244,15 +261,82 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise CardValidationError(f"{path}: expected an object, got {type(value).__name__}")
         _, item = typing.get_args(tp)
+        for k in value:
+            _check_text(k, f"{path} key")
         return {str(k): _build(item, v, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
+        _check_plain(value, path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CardValidationError(f"{path}: expected a number, got {value!r}")
+            raise CardValidationError(f"{path}: expected a number, got {value!r:.80}")
+        if not math.isfinite(value):
+            raise CardValidationError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp in (int, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise CardValidationError(f"{path}: expected {tp.__name__}, got {value!r}")
+            raise CardValidationError(f"{path}: expected {tp.__name__}, got {value!r:.80}")
+        if tp is str:
+            _check_text(value, path)
         return value
     raise TypeError(f"card schema uses an unsupported annotation {tp!r} at {path}")
+
+
+_MAX_DEPTH = 32  # free-form values (constructor kwargs, structure specs) nested deeper are not a card's
+
+
+def _check_text(value: object, path: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise CardValidationError(f"{path}: text is not valid UTF-8 ({err})") from None
+
+
+def _check_plain(value: Any, path: str) -> None:
+    """A free-form value must be plain JSON data: finite numbers, UTF-8 text, string keys, bounded depth
+    (so that hashing and writing the card cannot fail later). Iterative: no recursion on hostile depth."""
+    stack = [(value, path, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise CardValidationError(f"{where}: nested more than {_MAX_DEPTH} levels deep")
+        if v is None or isinstance(v, (bool, int)):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise CardValidationError(f"{where}: expected a finite number, got {v!r}")
+        elif isinstance(v, str):
+            _check_text(v, where)
+        elif isinstance(v, (list, tuple)):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise CardValidationError(f"{where}: keys must be strings, got {k!r:.80}")
+                _check_text(k, f"{where} key")
+                stack.append((item, f"{where}.{k}", depth + 1))
+        else:
+            raise CardValidationError(f"{where}: expected JSON data, got a {type(v).__name__}")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_files(files: list[FileEntry], path: str) -> None:
+    """Each file must be a plain relative path inside the entry's folder (a card must not make the loader
+    read ``../../somewhere``), with a well-formed sha256 and a non-negative size."""
+    for i, f in enumerate(files):
+        where = f"{path}[{i}]"
+        parts = f.path.replace("\\", "/").split("/")
+        if not f.path or f.path.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in f.path:
+            raise CardValidationError(
+                f"{where}.path: {f.path!r} must be a relative path inside the entry's folder "
+                "(e.g. 'model.safetensors'), without '..', '.', empty or absolute parts"
+            )
+        if not _SHA256.fullmatch(f.sha256):
+            raise CardValidationError(
+                f"{where}.sha256: expected 64 lowercase hex digits, got {f.sha256!r:.80}"
+            )
+        if f.bytes < 0:
+            raise CardValidationError(f"{where}.bytes: expected a non-negative size, got {f.bytes}")

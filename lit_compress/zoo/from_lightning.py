@@ -30,6 +30,11 @@ def network_state_from_checkpoint(
         raise
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {str(path)!r} safely (weights_only=True): {err}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint: it holds a {type(ckpt).__name__}, expected the "
+            "dict that Trainer.save_checkpoint writes (state_dict, hyper_parameters, ...)"
+        )
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")

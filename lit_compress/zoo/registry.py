@@ -59,7 +59,7 @@ def card(name: str, zoo: str | Path | None = None) -> Card:
             f"no zoo entry named {name!r} in {root}.{hint} "
             f"Available: {', '.join(names) if names else '(none)'}; see `lit-compress zoo list`."
         )
-    loaded = Card.from_json(path.read_text(encoding="utf-8"), source=str(path))
+    loaded = Card.from_json(path.read_bytes(), source=str(path))  # bytes: bad UTF-8 is a card error
     if loaded.name != name:
         raise CardValidationError(
             f"{path}: the card names itself {loaded.name!r} but lives in folder {name!r}; "

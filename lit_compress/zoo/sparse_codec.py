@@ -15,6 +15,7 @@ Bytes per pruned fp32 weight matrix: ``numel / 8 + 4 * nnz`` (e.g. LeNet-300-100
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -60,12 +61,16 @@ class SparseSafetensorsCodec(SafetensorsCodec):
         dense_part = {k: v for k, v in stored.items() if not k.endswith((_MASK, _VALUES))}
         out: dict[str, torch.Tensor] = {}
         for name, info in sparse.items():
-            try:
-                packed, values = stored[name + _MASK], stored[name + _VALUES]
-                shape, dtype = [int(d) for d in info["shape"]], getattr(torch, info["dtype"])
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                raise ZooFormatError(f"{source}: sparse tensor {name!r} is incomplete ({err})") from err
-            numel = int(np.prod(shape)) if shape else 1
+            if name in dense_part:
+                raise ZooFormatError(f"{source}: tensor {name!r} is stored both dense and sparse")
+            if name + _MASK not in stored or name + _VALUES not in stored:
+                raise ZooFormatError(
+                    f"{source}: sparse tensor {name!r} is incomplete (needs {name + _MASK!r} and "
+                    f"{name + _VALUES!r})"
+                )
+            packed, values = stored[name + _MASK], stored[name + _VALUES]
+            shape, dtype = _sparse_info(info, name, source)
+            numel = math.prod(shape)  # exact (Python ints): checked against the mask before allocating
             if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8 or values.dtype != dtype:
                 raise ZooFormatError(
                     f"{source}: sparse tensor {name!r} has a mask or values of the wrong size/type"
@@ -86,14 +91,35 @@ class SparseSafetensorsCodec(SafetensorsCodec):
             raise ZooFormatError(
                 f"{source}: tensors {sorted(orphans)} are not described in the sparse metadata"
             )
-        order = json.loads(self._metadata(data).get("order", "[]"))
         merged = {**dense_part, **out}
-        return {k: merged[k] for k in order if k in merged} | merged
+        order = self._order(data, source)
+        if order is None:  # files written before the order was recorded
+            return merged
+        if len(order) != len(merged) or set(order) != set(merged):
+            raise ZooFormatError(
+                f"{source}: the recorded tensor order {order[:5]}... does not list exactly the "
+                f"{len(merged)} stored tensors"
+            )
+        return {k: merged[k] for k in order}
 
     @staticmethod
     def _metadata(data: bytes) -> dict[str, str]:
         header_len = int.from_bytes(data[:8], "little")  # validated by SafetensorsCodec.decode
         return json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+
+    def _order(self, data: bytes, source: str) -> list[str] | None:
+        raw = self._metadata(data).get("order")
+        if raw is None:
+            return None
+        try:
+            order = json.loads(raw)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ZooFormatError(f"{source}: 'order' metadata is not JSON ({err})") from err
+        if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+            raise ZooFormatError(
+                f"{source}: 'order' metadata must be a list of tensor names, got {order!r:.80}"
+            )
+        return order
 
     def _sparse_metadata(self, data: bytes, source: str) -> dict[str, dict]:
         raw = self._metadata(data).get("sparse")
@@ -103,11 +129,35 @@ class SparseSafetensorsCodec(SafetensorsCodec):
             )
         try:
             sparse = json.loads(raw)
-        except json.JSONDecodeError as err:
+        except (TypeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
             raise ZooFormatError(f"{source}: sparse metadata is not JSON ({err})") from err
         if not isinstance(sparse, dict):
             raise ZooFormatError(f"{source}: sparse metadata must be an object")
         return sparse
+
+
+def _sparse_info(info: object, name: str, source: str) -> tuple[list[int], torch.dtype]:
+    """``(shape, dtype)`` of a sparse tensor's metadata entry, validated (nothing is allocated yet)."""
+    if not isinstance(info, dict) or set(info) != {"shape", "dtype"}:
+        raise ZooFormatError(
+            f"{source}: sparse tensor {name!r} is incomplete or invalid: its metadata must be "
+            f"{{'shape': [...], 'dtype': ...}}, got {info!r:.80}"
+        )
+    shape, dtype_name = info["shape"], info["dtype"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ZooFormatError(
+            f"{source}: sparse tensor {name!r} is incomplete or invalid: its shape must be a list of "
+            f"non-negative ints, got {shape!r:.80}"
+        )
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize not in _INT_VIEW:
+        raise ZooFormatError(
+            f"{source}: sparse tensor {name!r} is incomplete or invalid: dtype {dtype_name!r:.40} is not a "
+            "floating dtype the sparse codec writes (e.g. 'float32')"
+        )
+    return shape, dtype
 
 
 register_codec(SparseSafetensorsCodec())
