@@ -396,16 +396,19 @@ class Quantization:
                     "quantize them"
                 )
             selected = kept
-        for name in selected:
-            module = pl_module.get_submodule(name)
-            if is_quantized(module):
-                continue
-            if type(module) not in (nn.Linear, nn.Conv2d):
-                raise TypeError(
-                    f"Quantization: layer {name!r} is a {type(module).__name__}, a subclass of "
-                    f"{'/'.join(self.targets.types)} with its own forward that cannot be quantized; "
-                    f"exclude it (exclude: [{name!r}]) or narrow include"
-                )
+        foreign = {
+            name: type(module).__name__
+            for name in selected
+            if not is_quantized(module := pl_module.get_submodule(name))
+            and type(module) not in (nn.Linear, nn.Conv2d)
+        }
+        if foreign:  # all of them at once: a ready exclude list, not one round trip per layer
+            listed = ", ".join(f"{n!r} ({t})" for n, t in foreign.items())
+            raise TypeError(
+                f"Quantization: {len(foreign)} selected layer(s) subclass {'/'.join(self.targets.types)} "
+                f"with their own forward, which cannot be quantized: {listed}; exclude them "
+                f"(exclude: {sorted(foreign)}) or narrow include"
+            )
         return selected
 
     @torch.no_grad()
