@@ -277,6 +277,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _determinism_off() -> Iterator[None]:
+    """Tracing runs ops that have no deterministic kernel (quantized tensors' resize_ in int8 modules); a run
+    trained with ``Trainer(deterministic=True)`` leaves determinism on for the whole process. The trace only
+    records the graph, so the flag is lifted for its duration and then restored as it was."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         for message in _QUIET:
@@ -325,7 +339,7 @@ def _export_bytes(
         ) from err
     _float_output(output, type(module).__name__)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught, _quiet():
+    with warnings.catch_warnings(record=True) as caught, _quiet(), _determinism_off():
         warnings.simplefilter("always", torch.jit.TracerWarning)
         try:
             if exporter == "dynamo":

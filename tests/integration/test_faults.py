@@ -151,8 +151,9 @@ def test_killed_runs_acted_mid_schedule(killed_and_resumed):
 # -- 2. resuming a checkpoint with another set of callbacks --------------------------------------------------
 # Lightning keeps each callback's state under its ``state_key`` (class name + the arguments that identify
 # it) and, on resume, hands a callback the state stored under its own key; states without a matching
-# callback, and callbacks without a stored state, are skipped silently. These tests pin down what that
-# means for the compression callbacks (docs/faults.md, "Resuming with other callbacks").
+# callback, and callbacks without a stored state, are skipped silently. lit_compress checks the
+# checkpoint first (lit_compress._resume): a callback whose arguments changed is refused, dropped state is
+# warned about. These tests pin the rules down (docs/faults.md, "Resuming with other callbacks").
 
 STEPS = 4  # SyntheticDataModule(num_train=64, batch_size=16): one epoch
 
@@ -240,22 +241,25 @@ def test_resume_with_an_added_callback_restores_the_others_and_starts_the_new_on
     )
 
 
-def test_resume_without_the_callback_drops_its_state_silently(pruned_checkpoint, tmp_path):
+def test_resume_without_the_callback_warns_that_its_state_is_dropped(pruned_checkpoint, tmp_path):
+    from lit_compress.measure import CompressionSummary
+
     ckpt, _, saved = pruned_checkpoint
-    module, trainer = _fit(tmp_path, [], max_steps=2 * STEPS, ckpt_path=str(ckpt))
-    assert trainer.global_step == 2 * STEPS  # no error, no warning: the masks are simply not used
+    with pytest.warns(UserWarning, match=r"compression state that no callback of this run loads.*Pruning\{"):
+        module, trainer = _fit(tmp_path, [CompressionSummary()], max_steps=2 * STEPS, ckpt_path=str(ckpt))
+    assert trainer.global_step == 2 * STEPS  # a warning, not an error: dropping pruning can be intended
     weights = dict(module.named_parameters())
     regrown = {name: int(weights[name][~mask].ne(0).sum()) for name, mask in saved["masks"].items()}
     assert all(count > 0 for count in regrown.values()), regrown  # pruned weights trained back to nonzero
 
 
-def test_resume_with_changed_arguments_drops_the_state_silently(pruned_checkpoint, tmp_path):
+def test_resume_with_changed_arguments_is_refused(pruned_checkpoint, tmp_path):
     ckpt, key, _ = pruned_checkpoint
     pruning = _pruning(sparsity=0.9)  # the sparsity is part of the state key
     assert pruning.state_key != key
-    _fit(tmp_path, [pruning], max_steps=2 * STEPS, ckpt_path=str(ckpt))
-    # The saved masks and events were not loaded: the schedule restarted at the resumed step.
-    assert [h["step"] for h in pruning.history] == [4, 6]
+    with pytest.raises(ValueError, match=r"cannot resume Pruning: the checkpoint holds Pruning state under"):
+        _fit(tmp_path, [pruning], max_steps=2 * STEPS, ckpt_path=str(ckpt))
+    assert pruning.history == []  # nothing was half-restored
 
 
 def test_two_callbacks_with_the_same_state_key_are_refused():

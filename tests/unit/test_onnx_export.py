@@ -403,3 +403,20 @@ def test_dynamo_exporter_writes_an_equivalent_graph_for_a_float_model(tmp_path):
     assert report.exporter == "dynamo" and report.opset >= 18
     x = torch.randn(5, 1, 4, 4)
     torch.testing.assert_close(run_ort(tmp_path / "d.onnx", x), eval_out(model, x), rtol=0, atol=1e-5)
+
+
+def test_int8_export_works_after_a_deterministic_run_and_keeps_the_flag(tmp_path, int8_entry):
+    """Trainer(deterministic=True) leaves torch's determinism flag on in the process; int8 tracing needs an
+    op without a deterministic kernel, so the export lifts the flag for the trace and restores it."""
+    model, card = int8_entry
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        report = export_onnx(model, tmp_path / "int8.onnx", input_shape=tuple(card.dataset.input_shape))
+        assert report.form == "int8-qdq"
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
