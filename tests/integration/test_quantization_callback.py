@@ -386,5 +386,9 @@ class SubclassedLinearModule(L.LightningModule):
 
 
 def test_layer_subclass_with_its_own_forward_is_refused_by_name(tmp_path):
-    with pytest.raises(TypeError, match=r"layer 'net.2' is a ScaledLinear.*exclude it"):
+    with pytest.raises(
+        TypeError,
+        match=r"1 selected layer\(s\) .* cannot be quantized: 'net.2' \(ScaledLinear\); "
+        r"exclude them \(exclude: \['net.2'\]\)",
+    ):
         trainer(tmp_path, [Quantization(method="bnn")]).fit(SubclassedLinearModule(), data())
