@@ -103,8 +103,8 @@ def findings(outcomes: dict[tuple[str, str], cells.Outcome]) -> list[str]:
                 f"({card.macs.effective:,}) exceed the dense network's ({card.macs.dense:,}). At 28x28 the "
                 "squeeze-excitation convs and the head conv run on 1x1 maps, where a gate's saliency "
                 "predictor (in x out MACs) costs as much as the conv it gates, so gating them adds work. "
-                "Excluding such convs (`exclude: ['net.*.se.*', 'net.conv_head']`) avoids it; FBS could skip "
-                "or warn about convs whose predictor costs more than the gate saves."
+                "Excluding such convs (`exclude: ['net.*.se.*', 'net.conv_head']`) avoids it; FBS now warns "
+                "about such convs once and names them as a ready exclude list."
             )
     return notes
 

@@ -70,6 +70,7 @@ __all__ = [
     "MacStatistics",
     "apply_fbs",
     "check_density",
+    "costly_gates",
     "fbs_layers",
     "kept_channels",
     "layer_plans",
@@ -147,6 +148,7 @@ class GateState:
         self.sample_kept: Tensor | None = None  # [B] channels batch-1 execution computes for each image
         self.sample_macs: Tensor | None = None  # [B] MACs batch-1 execution spends in this layer
         self.fold_cache: tuple[tuple, Any] | None = None  # conv weight/bias with the eval BatchNorm folded in
+        self.positions: int | None = None  # output positions (H_out * W_out) seen by the last forward
 
     def __deepcopy__(self, memo: dict) -> GateState:
         new = GateState(self.channels, self.expand)
@@ -306,6 +308,7 @@ class FBSConv2d(nn.Conv2d):
         gate = saliency * mask if self.boost else mask
         weight = self.weight if in_idx is None else self.weight.index_select(1, in_idx)
         out = self._conv_forward(x, weight, self.bias)
+        state.positions = out.shape[2] * out.shape[3]
         if self.training and torch.is_grad_enabled():
             state.saliency = saliency
         state.gate, state.out_idx, state.folded = gate, None, False
@@ -784,6 +787,25 @@ def set_density(layers: Iterable[FBSConv2d] | nn.Module, density: float) -> None
     density = check_density(density)
     for layer in fbs_layers(layers).values() if isinstance(layers, nn.Module) else layers:
         layer.density = density
+
+
+def costly_gates(layers: Mapping[str, FBSConv2d], density: float) -> dict[str, tuple[int, int]]:
+    """Gated convs whose saliency predictor costs at least what gating saves at ``density``:
+    ``{name: (predictor MACs, MACs saved per image)}``. A conv on a 1x1 map (squeeze-excitation convs, heads
+    of small inputs) does ``C_in * C_out * k^2`` MACs; its predictor does ``C_in * C_out`` whatever the map,
+    so gating it adds work. Needs a forward first (the output size is recorded then)."""
+    costly = {}
+    for name, layer in layers.items():
+        positions = layer.fbs_state.positions
+        if positions is None:
+            continue
+        kernel = layer.kernel_size[0] * layer.kernel_size[1]
+        dense = positions * kernel * layer.in_channels * layer.out_channels
+        saved = dense - positions * kernel * layer.in_channels * kept_channels(density, layer.out_channels)
+        predictor = layer.in_channels * layer.out_channels
+        if predictor >= saved:
+            costly[name] = (predictor, saved)
+    return costly
 
 
 def saliency_l1(layers: Iterable[FBSConv2d]) -> Tensor | None:

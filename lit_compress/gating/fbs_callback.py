@@ -47,6 +47,7 @@ from lit_compress.gating.fbs import (
     MacStatistics,
     apply_fbs,
     check_density,
+    costly_gates,
     fbs_layers,
     kept_channels,
     plan_fbs,
@@ -143,6 +144,7 @@ class FBS:
         self._notified = False
         self._samples: list[Tensor] = []
         self._static_macs: tuple[float, int] | None = None  # (effective of non-FBS layers, dense) per image
+        self._cost_checked = False
 
     @property
     def state_key(self) -> str:
@@ -194,6 +196,9 @@ class FBS:
             layer.fbs_state.saliency = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._cost_checked:
+            self._cost_checked = True
+            self._warn_costly_gates(trainer)
         pending = any(layer.fbs_state.saliency is not None for layer in self._layers.values())
         for layer in self._layers.values():
             layer.fbs_state.saliency = None  # free the step's graph
@@ -352,6 +357,27 @@ class FBS:
 
     def _density_at(self, step: int) -> float:
         return check_density(float(self.density(step)), f"density (the schedule's value at step {step})")
+
+    def _warn_costly_gates(self, trainer) -> None:
+        """Once, after the first training forward: name the gated convs whose predictor costs at least what
+        gating them saves at the schedule's final density (they make the network slower, not faster)."""
+        final = self._density_at(10**12)
+        if final >= 1.0:
+            return  # nothing is gated away: no layer can save anything
+        costly = costly_gates(self._layers, final)
+        if costly and trainer.is_global_zero:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            _, prefix = self._network(self._module)
+            listed = ", ".join(
+                f"{prefix}{n} (predictor {p:,} vs saved {s:,} MACs)" for n, (p, s) in costly.items()
+            )
+            rank_zero_warn(
+                f"FBS: gating these convs adds work at density {final:g} (their saliency predictor costs at "
+                f"least the MACs the gate saves; typically convs on 1x1 maps): {listed}. Exclude them "
+                f"(exclude: {sorted(prefix + n for n in costly)}).",
+                category=UserWarning,
+            )
 
     def _set_step(self, step: int) -> None:
         self.step = int(step)

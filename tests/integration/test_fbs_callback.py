@@ -277,3 +277,37 @@ def test_fbs_entry_round_trips_through_the_zoo(tmp_path, monkeypatch, shared_dat
     torch.testing.assert_close(loaded(x), reference(x), rtol=0, atol=0)
     (result,) = zoo.verify(zoo=tmp_path)
     assert result.ok, result.problems
+
+
+def test_gates_that_cost_more_than_they_save_are_named_once(tmp_path):
+    import torch.nn.functional as F
+
+    class Head(nn.Module):  # a 1x1 conv on the 1x1 map after global pooling (squeeze-excitation-like)
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.head = nn.Conv2d(8, 10, 1)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.conv1(F.relu(self.bn0(self.conv0(x))))))
+            return self.head(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Head()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    with pytest.warns(
+        UserWarning,
+        match=r"FBS: gating these convs adds work at density 0.5.*net\.head "
+        r"\(predictor 80 vs saved 40 MACs\).*exclude: \['net\.head'\]",
+    ) as caught:
+        make_trainer(tmp_path, [FBS(density=0.5, verbose=False)], max_steps=3).fit(Module(), data())
+    assert sum("adds work" in str(w.message) for w in caught) == 1  # once, not every step

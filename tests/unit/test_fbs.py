@@ -16,6 +16,7 @@ from lit_compress.gating.fbs import (
     LayerPlan,
     apply_fbs,
     check_density,
+    costly_gates,
     fbs_layers,
     kept_channels,
     mac_statistics,
@@ -437,3 +438,31 @@ def test_set_density_validates():
             set_density(net, bad)
     set_density(net, 0.25)
     assert {m.density for m in fbs_layers(net).values()} == {0.25}
+
+
+class OneByOneHead(nn.Module):
+    """conv (3x3 on 8x8) -> bn -> relu -> global pool -> 1x1 conv on the 1x1 map (a squeeze-excitation-like
+    head): gating the head costs its predictor C_in * C_out MACs and saves at most that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(F.relu(self.bn0(self.conv0(x))))))
+        return self.head(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+
+
+def test_costly_gates_names_convs_whose_predictor_costs_what_gating_saves():
+    net = OneByOneHead()
+    layers = gated(net, density=0.5)
+    assert sorted(layers) == ["conv1", "head"]
+    assert costly_gates(layers, 0.5) == {}  # no forward yet: output sizes unknown
+    net.train()(torch.randn(2, 1, 8, 8))
+    # head: predictor 8 * 16 = 128 MACs; saved 1 * 1 * 8 * (16 - 8) = 64. conv1 (8x8 map): saved 64*9*8*4
+    assert costly_gates(layers, 0.5) == {"head": (128, 64)}
+    assert costly_gates(layers, 1.0) == {"conv1": (64, 0), "head": (128, 0)}  # density 1 saves nothing
