@@ -495,7 +495,23 @@ def test_zoo_show_shipped(shipped_zoo, capsys, name):
     assert json.loads(out) == _card_json(name)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+# The CLI path once per weight format / structure kind (small nets); every shipped entry is re-measured by
+# tests/integration/test_zoo_real.py, so evaluating all of them here again would only double the time.
+CLI_EVAL = [
+    "lenet_300_100-mnist.dense",  # safetensors
+    "lenet_300_100-mnist.pruned-12x",  # sparse-safetensors
+    "binary_mlp-mnist.bnn-3x2048",  # bit-packed
+    "lenet_300_100-mnist.deep-compression",  # deep-compression codec
+    "lenet5-mnist.structured-l1",  # structure spec
+    "lenet5-mnist.int8-qat",  # int8 structure
+]
+
+
+def test_cli_eval_entries_are_shipped():
+    assert set(CLI_EVAL) <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", CLI_EVAL)
 def test_zoo_eval_shipped(shipped_zoo, capsys, monkeypatch, shared_data_dir, name):
     monkeypatch.setenv("LIT_COMPRESS_DATA", str(shared_data_dir))
     code, out, err = run_main(capsys, "zoo", "eval", name)
