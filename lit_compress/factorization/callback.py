@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_compress._flavour import lightning_callback
+from lit_compress._strategy import spawns_workers
 from lit_compress.factorization.depthwise import (
     PatchMoment,
     check_separable_target,
@@ -63,7 +64,7 @@ from lit_compress.factorization.spec import (
 )
 from lit_compress.measure._util import eval_mode
 from lit_compress.pruning.callback import _all_reduce_mean, scoring_batches, scoring_loss_fn
-from lit_compress.pruning.structured.callback import _rewrap_ddp, _spawns_workers
+from lit_compress.pruning.structured.callback import _rewrap_ddp
 from lit_compress.targets import network_of
 
 __all__ = [
@@ -178,7 +179,7 @@ class _Replacement:
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and not self.applied and trainer is not None and _spawns_workers(trainer):
+        if stage == "fit" and not self.applied and trainer is not None and spawns_workers(trainer):
             raise ValueError(
                 f"{type(self).__name__} changes the network's layers inside the worker processes, but with a "
                 "spawning strategy (ddp_spawn, ddp_fork, ddp_notebook) Lightning copies the final weights "

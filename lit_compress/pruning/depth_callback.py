@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from lit_compress._flavour import lightning_callback
+from lit_compress._strategy import spawns_workers
 from lit_compress.pruning.depth import (
     GATE_SCOPES,
     EpsilonGates,
@@ -197,7 +198,7 @@ class DepthPruning:
         )
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and trainer is not None and _spawns_workers(trainer):
+        if stage == "fit" and trainer is not None and spawns_workers(trainer):
             raise ValueError(
                 "DepthPruning removes residual blocks inside the worker processes, but with a spawning "
                 "strategy (ddp_spawn, ddp_fork, ddp_notebook) Lightning copies the final weights back into "
@@ -527,12 +528,6 @@ def _positive_number(name: str, value: Any) -> None:
 
 def _is_global_zero(trainer) -> bool:
     return trainer is None or bool(getattr(trainer, "is_global_zero", True))
-
-
-def _spawns_workers(trainer) -> bool:
-    from lit_compress.pruning.structured.callback import _spawns_workers as spawns
-
-    return spawns(trainer)
 
 
 def _rewrap_ddp(trainer) -> None:

@@ -524,3 +524,18 @@ def test_gating_callbacks_warn_that_their_state_stays_in_spawned_workers(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_strategy(single, callback)  # no warning on a single device
+
+
+@pytest.mark.parametrize("name", ["LowRank", "DepthPruning"])
+def test_pytorch_lightning_flavours_refuse_ddp_spawn_too(name):
+    """The spawn check goes by the launcher's class name, so a pytorch_lightning trainer is recognised too
+    (an isinstance check against lightning.pytorch's launcher missed it)."""
+    import pytorch_lightning as pl
+
+    module = _resnet() if name == "DepthPruning" else _lenet()
+    callback = (
+        lcpl.DepthPruning(verbose=False) if name == "DepthPruning" else lcpl.LowRank(rank=4, verbose=False)
+    )
+    spawn = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    with pytest.raises(ValueError, match=r"spawning strategy.*strategy='ddp'"):
+        callback.setup(spawn, module, "fit")

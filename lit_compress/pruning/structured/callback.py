@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_compress._flavour import lightning_callback
+from lit_compress._strategy import spawns_workers
 from lit_compress.pruning.callback import _all_reduce_mean, scoring_batches, scoring_loss_fn
 from lit_compress.pruning.masks import PreparedMasks, mask_optimizer_state
 from lit_compress.pruning.schedules import PruningSchedule, get_pruning_schedule
@@ -223,7 +224,7 @@ class StructuredPruning:
         )
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and self.remove == "immediately" and _spawns_workers(trainer):
+        if stage == "fit" and self.remove == "immediately" and spawns_workers(trainer):
             raise ValueError(
                 "StructuredPruning(remove='immediately') changes the network's shapes inside the worker "
                 "processes, but with a spawning strategy (ddp_spawn, ddp_fork, ddp_notebook) Lightning "
@@ -693,14 +694,6 @@ def _first_tensor(batch: Any) -> Tensor | None:
     if isinstance(batch, (list, tuple)) and batch:
         return _first_tensor(batch[0])
     return None
-
-
-def _spawns_workers(trainer) -> bool:
-    """Whether the strategy runs the fit in worker processes and copies the weights back (``ddp_spawn``), in
-    either Lightning namespace."""
-    from lit_compress._strategy import spawns_workers
-
-    return spawns_workers(trainer)
 
 
 def _rewrap_ddp(trainer) -> None:
