@@ -35,6 +35,7 @@ from lit_compress.gating.blockdrop import (
 from lit_compress.gating.fbs import (
     FBSBatchNorm2d,
     FBSConv2d,
+    FBSLinear,
     LayerPlan,
     MacStatistics,
     apply_fbs,
@@ -43,6 +44,7 @@ from lit_compress.gating.fbs import (
     mac_statistics,
     macs_per_image,
     plan_fbs,
+    plan_tails,
     set_density,
     winner_take_all,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "BlockDropNetwork",
     "FBSBatchNorm2d",
     "FBSConv2d",
+    "FBSLinear",
     "GateState",
     "LayerPlan",
     "MacStatistics",
@@ -83,6 +86,7 @@ __all__ = [
     "mac_statistics",
     "macs_per_image",
     "plan_fbs",
+    "plan_tails",
     "register_shortcut",
     "reinforce_loss",
     "set_density",

@@ -19,32 +19,41 @@ same Parameter and buffer objects, so existing state_dict keys do not change):
 
 * :class:`FBSConv2d` (an ``nn.Conv2d``) computes the saliencies and the gate; it owns the predictor, whose
   parameters add the keys ``<conv>.predictor.weight`` / ``<conv>.predictor.bias`` to the state_dict;
-* :class:`FBSBatchNorm2d` (an ``nn.BatchNorm2d``) applies the gate after normalising.
+* :class:`FBSBatchNorm2d` (an ``nn.BatchNorm2d``) applies the gate after normalising;
+* :class:`FBSLinear` (an ``nn.Linear``) reads a gated conv's flattened compact output (see below).
 
 Inference that really skips work (``skip=True``, eval mode): only the output channels kept by some image of
 the batch are computed (weight rows, bias and BatchNorm entries sliced), so at batch 1 exactly the kept
 channels run. When a gated conv's (gated) output reaches the next gated conv only through zero-preserving
 per-channel ops (ReLU, max/avg pooling, dropout, identity), the tensor stays *compact* (only the computed
 channels) and the next conv reads only the matching input channels of its weight and of its predictor: the
-paper's input-side saving, so the work of a layer scales with ``d_in * d_out``. Otherwise (a residual add,
-a flatten into a Linear, the network output) the computed channels are scattered back to full width with
-zeros, which costs no multiply-accumulates. At batch 1 the conv also folds its BatchNorm (running
-statistics) and the gate into the sliced weight and bias, so a gated layer is one small conv plus the
-predictor. Batches larger than 1 compute the **union** of the channels kept by their images (exact: a
-channel not kept by an image is multiplied by its zero gate), so a batch saves only what none of its images
-keeps; loop over images for the full per-image saving. Channels whose kept saliency is exactly 0 (ReLU) are
-skipped too: their gate is 0, so the output is the same.
+paper's input-side saving, so the work of a layer scales with ``d_in * d_out``. Otherwise the compact
+tensor still passes through the zero-preserving modules that follow (e.g. ReLU and max-pool: they run on the
+computed channels only) and then either ends in ``flatten(1)`` and an ``nn.Linear``, which becomes an
+:class:`FBSLinear` reading only the weight columns of the computed channels (at batch 1 a memory-bound
+layer, so this saves time in proportion), or is scattered back to full width with zeros (no
+multiply-accumulates) after the last such module (a forward hook), or at the gate point when none follows
+(a residual add, the network output). At batch 1 the conv also folds its BatchNorm (running statistics)
+into the sliced weight and bias and multiplies its small output by the gate, so a gated layer is one small
+conv plus the predictor; it computes in channels-last memory format (same values, faster small convs and
+max-pools; ``FBSConv2d.channels_last_one``). Batches larger than 1 compute the **union** of the channels
+kept by their images (exact: a channel not kept by an image is multiplied by its zero gate), so a batch
+saves only what none of its images keeps; loop over images for the full per-image saving. Channels whose
+kept saliency is exactly 0 (ReLU) are skipped too: their gate is 0, so the output is the same.
 
 Wall-clock caveat: each gated layer adds about ten small tensor ops (pooling, predictor, top-k, slicing);
-on a CPU at batch 1 they cost tens of microseconds each layer, which small convs (tens of channels at
-14x14) do not amortise, so the latency gain of a small network is well below its MAC reduction.
+on a CPU at batch 1 they cost several microseconds each, which small convs (tens of channels at 14x14) do
+not amortise, so the latency gain of a small network is well below its MAC reduction. Kept channel counts
+that are multiples of 8 also run markedly faster in oneDNN than others (26 vs 32 channels).
 
-The analysis that finds each conv's BatchNorm and the compact chains traces the network with ``torch.fx``
-(:func:`plan_fbs`); the resulting plan is plain data (:class:`LayerPlan`), stored on zoo cards, so loading a
-zoo entry does not trace. MACs: :meth:`FBSConv2d.compression_macs` reports, for ``count_macs``, the work
-actually done by the call (sliced conv plus predictor, weight sizes not nonzeros) against the full layer;
-:func:`macs_per_image` / :func:`mac_statistics` give per-image MACs from the decisions taken (what batch-1
-execution computes for each image).
+The analysis that finds each conv's BatchNorm, the compact chains and where each compact output ends traces
+the network with ``torch.fx`` (:func:`plan_fbs`); the resulting plan is plain data (:class:`LayerPlan`),
+stored on zoo cards, so loading a zoo entry does not trace (except for cards older than the
+``expand_after`` / ``linear`` fields: :func:`plan_tails`). MACs: :meth:`FBSConv2d.compression_macs`
+reports, for ``count_macs``, the work actually done by the call (sliced conv plus predictor, weight sizes not
+nonzeros) against the full layer; :func:`macs_per_image` / :func:`mac_statistics` give per-image MACs from
+the decisions taken (what batch-1 execution computes for each image). An :class:`FBSLinear` counts as the
+full Linear (its skipped columns are not subtracted: card MAC counts stay as they were).
 """
 
 from __future__ import annotations
@@ -54,8 +63,8 @@ import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -65,6 +74,7 @@ from torch import Tensor, nn
 __all__ = [
     "FBSBatchNorm2d",
     "FBSConv2d",
+    "FBSLinear",
     "GateState",
     "LayerPlan",
     "MacStatistics",
@@ -77,6 +87,7 @@ __all__ = [
     "mac_statistics",
     "macs_per_image",
     "plan_fbs",
+    "plan_tails",
     "saliency_l1",
     "set_density",
     "winner_take_all",
@@ -147,7 +158,8 @@ class GateState:
         self.saliency: Tensor | None = None  # [B, C] saliencies of the last training forward (L1 term)
         self.sample_kept: Tensor | None = None  # [B] channels batch-1 execution computes for each image
         self.sample_macs: Tensor | None = None  # [B] MACs batch-1 execution spends in this layer
-        self.fold_cache: tuple[tuple, Any] | None = None  # conv weight/bias with the eval BatchNorm folded in
+        self.fold_cache: tuple[tuple, Any] | None = None  # the conv's batch-1 tensors (BatchNorm folded in)
+        self.linear_cache: tuple[tuple, Any] | None = None  # the reading FBSLinear's weight, transposed, ...
         self.positions: int | None = None  # output positions (H_out * W_out) seen by the last forward
 
     def __deepcopy__(self, memo: dict) -> GateState:
@@ -166,14 +178,41 @@ class GateState:
         self.norm = state.get("norm")
 
 
-def _finish(y: Tensor, state: GateState) -> Tensor:
-    """Scatter the computed channels of ``y`` back to full width when the layer expands."""
+def _scatter(y: Tensor, state: GateState) -> Tensor:
+    """The computed channels of ``y`` scattered back to full width with zeros (``y`` when it is full width).
+
+    ``out_idx`` may be a permutation even when it holds every channel (batch 1 keeps the top-k order), so
+    the scatter is never skipped on the count alone."""
     idx = state.out_idx
-    if idx is not None and state.expand and idx.numel() != state.channels:
-        full = y.new_zeros(y.shape[0], state.channels, *y.shape[2:])
-        full[:, idx] = y
-        return full
-    return y
+    if idx is None:
+        return y
+    if y.shape[1] != idx.numel():
+        raise RuntimeError(
+            f"FBS: a compact tensor of {y.shape[1]} channels reached the point where {idx.numel()} computed "
+            "channels are scattered back to full width; was a module between them changed?"
+        )
+    return y.new_zeros(y.shape[0], state.channels, *y.shape[2:]).index_copy_(1, idx, y)
+
+
+def _finish(y: Tensor, state: GateState) -> Tensor:
+    """Scatter the computed channels of ``y`` back to full width when the layer expands at its gate point
+    (otherwise a compact consumer, a :class:`_ScatterAfter` hook or an :class:`FBSLinear` reads them)."""
+    return _scatter(y, state) if state.expand else y
+
+
+class _ScatterAfter:
+    """Forward hook on the last zero-preserving module (ReLU, pooling, ...) that a gated conv's compact
+    output passes through: the output is scattered back to full width there, so those modules run on the
+    computed channels only. A no-op when the conv computed full width (training, ``skip=False``).
+
+    A plain object holding the state, not a closure: ``copy.deepcopy`` of the network then points the
+    copied hook at the copied state."""
+
+    def __init__(self, state: GateState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return _scatter(output, self.state)
 
 
 def apply_gate(y: Tensor, state: GateState) -> Tensor:
@@ -192,12 +231,36 @@ def apply_gate(y: Tensor, state: GateState) -> Tensor:
     return _finish(y * gate[:, :, None, None].to(y.dtype), state)
 
 
-def _version_key(tensors: Sequence[Tensor | None]) -> tuple | None:
-    """Identity and version counter of each tensor (None for inference tensors, which have no version)."""
+def _version_key(tensors: Sequence[Tensor | None], *extra: Any) -> tuple | None:
+    """Identity and version counter of each tensor, then ``extra`` (None for inference tensors, which have
+    no version)."""
     try:
-        return tuple([(id(t), t._version) for t in tensors if t is not None])
+        return (*[(id(t), t._version) for t in tensors if t is not None], *extra)
     except RuntimeError:
         return None
+
+
+def _fold(
+    weight: Tensor,
+    bias: Tensor | None,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    """A conv's ``(weight, bias)`` with the eval BatchNorm (``mean``, ``var``, ``gamma``, ``beta``) after it
+    folded in: ``scale * conv(x) + shift``; unchanged without a BatchNorm (``var`` None)."""
+    if var is None:
+        return weight, bias
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta
+    bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+    return weight * scale.view(-1, 1, 1, 1), bias
 
 
 def _move_state(src: nn.Module, dst: nn.Module) -> None:
@@ -208,19 +271,70 @@ def _move_state(src: nn.Module, dst: nn.Module) -> None:
     dst.__dict__["_non_persistent_buffers_set"] = set(src.__dict__.get("_non_persistent_buffers_set", ()))
 
 
+def _tensors(module: nn.Module, *names: str) -> list[Tensor | None]:
+    """``module.<name>`` for each parameter or buffer name, read from the module's dicts:
+    ``nn.Module.__getattr__`` costs about a microsecond per access, which adds up on the batch-1 path.
+    Anything else (a parametrization, a property) falls back to ``getattr``."""
+    params, buffers = module._parameters, module._buffers
+    return [
+        params[n] if n in params else buffers[n] if n in buffers else getattr(module, n, None) for n in names
+    ]
+
+
+class _BatchOne(NamedTuple):
+    """What the batch-1 eval path of an :class:`FBSConv2d` needs, prepared once (see ``_batch_one``)."""
+
+    rows: Tensor  # the conv weight with the eval BatchNorm folded in, one row per output channel
+    shape: torch.Size  # the conv weight's
+    channels_last: bool  # the order of a row: (kh, kw, C_in) if True, else (C_in, kh, kw)
+    bias: Tensor | None  # the folded bias
+    predictor: Tensor  # the predictor weight [C_out, C_in], transposed [C_in, C_out] for a compact input
+    predictor_bias: Tensor
+    offsets: Tensor  # [0]: one bag for embedding_bag
+
+
+def _weight_rows(weight: Tensor, channels_last: bool) -> Tensor:
+    """``weight`` ``[O, C, kh, kw]`` as contiguous rows ``[O, C * kh * kw]`` in the order :func:`_kept_weight`
+    slices into the fastest conv weight: ``(kh, kw, C)`` for a conv computing in channels-last that reads
+    all its input channels (its kept rows are then a channels-last weight, which the conv takes without
+    converting it); ``(C, kh, kw)`` otherwise (a compact input's channels are sliced too: a copy of
+    ``kh * kw`` runs in that order, several times slower in the other)."""
+    if channels_last:
+        weight = weight.permute(0, 2, 3, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _kept_weight(
+    rows: Tensor, shape: torch.Size, channels_last: bool, idx: Tensor, in_idx: Tensor | None
+) -> Tensor:
+    """The conv weight ``weight[idx][:, in_idx]`` (every input channel when ``in_idx`` is None) from the
+    rows of :func:`_weight_rows` (``shape``: the full weight's), channels-last when the rows are. Whole
+    rows are contiguous copies: much faster than ``index_select`` on dim 0 of the 4-D weight."""
+    _, in_c, kh, kw = shape
+    kept = rows.index_select(0, idx)
+    kept = kept.view(-1, kh, kw, in_c).permute(0, 3, 1, 2) if channels_last else kept.view(-1, in_c, kh, kw)
+    return kept if in_idx is None else kept.index_select(1, in_idx)
+
+
 class FBSConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` with an FBS saliency predictor and winner-take-all gate (see the module docstring).
 
     Attributes set by :func:`apply_fbs` (plain data, see :class:`LayerPlan`): ``density`` (in ``(0, 1]``),
     ``boost``, ``skip`` (compute only kept channels in eval mode), ``fbs_name`` (FQN in the network, for
     messages), ``fbs_norm`` (FQN of the gating BatchNorm or None), ``fbs_source_name`` (FQN of the gated conv
-    whose compact output this conv reads, or None).
+    whose compact output this conv reads, or None), ``fbs_expand_after`` / ``fbs_linear`` (where its compact
+    output is scattered back to full width, or the Linear reading it; see :class:`LayerPlan`).
 
-    At batch 1 in eval the conv also folds its BatchNorm (running statistics) and the gate into the sliced
-    weight and bias, so the gated layer costs one small conv: the BatchNorm module then only passes through.
+    At batch 1 in eval the conv also folds its BatchNorm (running statistics) into the sliced weight and bias
+    and multiplies its output by the gate, so the gated layer costs one small conv: the BatchNorm module then
+    only passes through.
     """
 
     predictor: nn.Linear
+    #: Batch-1 eval computes in channels-last memory format (same values): the small sliced convs run
+    #: faster in it and so do the max-pools that the compact tensors pass through on their way to the next
+    #: gated conv. Tensors are scattered back to full width in the default (contiguous) format.
+    channels_last_one: bool = True
 
     @classmethod
     def from_conv(
@@ -258,6 +372,8 @@ class FBSConv2d(nn.Conv2d):
         new.skip = True
         new.fbs_norm = None
         new.fbs_source_name = None
+        new.fbs_expand_after = None
+        new.fbs_linear = None
         new.fbs_state = GateState(conv.out_channels)
         new.fbs_source = None
         return new
@@ -322,81 +438,98 @@ class FBSConv2d(nn.Conv2d):
         mask = winner_take_all(saliency, self._kept)
         full_gate = saliency * mask if self.boost else mask
         active = full_gate != 0
-        out_idx = active.any(dim=0).nonzero().flatten()
+        out_idx: Tensor | None = active.any(dim=0).nonzero().flatten()
         if out_idx.numel() == 0:
             out_idx = mask[0].nonzero().flatten()[:1]  # nothing to compute; one zero-gated channel
-        weight = self.weight.index_select(0, out_idx)
+        elif out_idx.numel() == self.out_channels:
+            out_idx = None  # every channel: full width, nothing to slice or scatter
+        weight = self.weight if out_idx is None else self.weight.index_select(0, out_idx)
         if in_idx is not None:
             weight = weight.index_select(1, in_idx)
-        bias = self.bias.index_select(0, out_idx) if self.bias is not None else None
+        bias = self.bias if self.bias is None or out_idx is None else self.bias.index_select(0, out_idx)
         out = self._conv_forward(x, weight, bias)
-        state.gate, state.out_idx, state.folded = full_gate.index_select(1, out_idx), out_idx, False
+        gate = full_gate if out_idx is None else full_gate.index_select(1, out_idx)
+        state.gate, state.out_idx, state.folded = gate, out_idx, False
         if state.record:
             self._record(active.sum(dim=1).clamp(min=1), out)
         return apply_gate(out, state) if self.fbs_norm is None else out
 
     def _forward_one(self, x: Tensor, in_idx: Tensor | None) -> Tensor:
-        """Eval, batch 1: only the kept channels, with the BatchNorm and the gate folded into the sliced
-        weight and bias (one small conv; every op counts at batch 1, so this path is kept short)."""
+        """Eval, batch 1: only the kept channels, with the BatchNorm folded into the sliced weight and bias
+        and the gate applied to the (small) output in place: one small conv plus the predictor. Every op
+        counts at batch 1 (each costs microseconds), so this path is kept short."""
         state = self.fbs_state
-        norm = state.norm
-        folded = self._folded_weight()
-        if folded is None:  # BatchNorm on batch statistics: the unfolded compact path
+        prepared = self._batch_one()
+        if prepared is None:  # BatchNorm on batch statistics: the unfolded compact path
             return self._forward_union(x, self._saliency(x, in_idx), in_idx)
-        weight, bias = folded
-        pred_weight = (
-            self.predictor.weight if in_idx is None else self.predictor.weight.index_select(1, in_idx)
-        )
-        # relu(W_p mean|x| + b_p): the L1 norm over positions, scaled by 1 / (H * W) inside addmm.
-        pooled = torch.linalg.vector_norm(x, 1, dim=(2, 3))
-        alpha = 1.0 / (x.shape[2] * x.shape[3])
-        saliency = torch.addmm(self.predictor.bias[None], pooled, pred_weight.t(), alpha=alpha).relu_()
-        values, idx = saliency[0].topk(self._kept)  # sorted: kept channels with saliency 0 come last
-        if self.boost and values[-1].item() <= 0.0:
-            n = max(int((values > 0).sum()), 1)  # zero-gated channels need no work (keep >= 1: well-formed)
-            values, idx = values[:n], idx[:n]
-        weight = weight.index_select(0, idx)
-        if in_idx is not None:
-            weight = weight.index_select(1, in_idx)
-        if bias is not None:
-            bias = bias.index_select(0, idx)
-        if self.boost:
-            weight = weight * values.view(-1, 1, 1, 1)
-            bias = bias * values if bias is not None else None
+        if self.channels_last_one:
+            x = x.contiguous(memory_format=torch.channels_last)  # no copy when the source computed it so
+        values, idx = self._keep_one(x, in_idx, prepared)
+        weight = _kept_weight(prepared.rows, prepared.shape, prepared.channels_last, idx, in_idx)
+        bias = None if prepared.bias is None else prepared.bias.index_select(0, idx)
         out = self._conv_forward(x, weight, bias)
+        if self.boost:
+            out.mul_(values.view(-1, 1, 1))  # gate * (scale * conv + shift): fewer elements than the weight
         state.gate, state.out_idx, state.folded = None, idx, True
         if state.record:
             self._record(torch.full((1,), idx.numel(), device=x.device), out)
-        return apply_gate(out, state) if norm is None else out
+        return apply_gate(out, state) if state.norm is None else out
 
-    def _folded_weight(self) -> tuple[Tensor, Tensor | None] | None:
-        """``(weight, bias)`` with the eval BatchNorm folded in (``scale * conv(x) + shift``), or None when
-        the BatchNorm normalises with batch statistics. Cached while the parameters and statistics are
-        unchanged, when no gradient is recorded."""
-        state, norm = self.fbs_state, self.fbs_state.norm
-        if norm is not None and (norm.training or norm.running_mean is None or norm.running_var is None):
-            return None
-        tensors = [self.weight, self.bias]
+    def _keep_one(self, x: Tensor, in_idx: Tensor | None, prepared: _BatchOne) -> tuple[Tensor, Tensor]:
+        """Saliencies and indices of the channels one image keeps, largest first; with boost, kept channels
+        whose saliency is 0 are dropped (their gate is 0: no work, same output), keeping at least one. A
+        compact input's predictor reads only the weights of the computed input channels."""
+        # W_p mean|x| + b_p, 1-D (the relu follows); abs().sum is several times faster than vector_norm(x, 1).
+        pooled = x.abs().sum(dim=(0, 2, 3))
+        alpha = 1.0 / (x.shape[2] * x.shape[3])
+        if in_idx is None:
+            saliency = torch.addmv(prepared.predictor_bias, prepared.predictor, pooled, alpha=alpha)
+        else:  # a compact input: the predictor's rows (transposed) of the computed channels, read in place
+            rows = torch.embedding_bag(prepared.predictor, in_idx, prepared.offsets, False, 0, False, pooled)
+            saliency = torch.add(prepared.predictor_bias, rows[0][0], alpha=alpha)
+        if not self.boost:  # the mask keeps the top k of relu(saliency), ties at 0 included
+            return saliency.relu_().topk(self._kept)
+        # With boost a kept channel's gate is its saliency, and channels whose saliency is <= 0 (0 after
+        # the ReLU) are dropped, so the relu is needed only when the k-th largest saliency is not > 0.
+        values, idx = saliency.topk(self._kept)  # sorted: such channels come last
+        if values[-1].item() <= 0.0:
+            n = max(int((values > 0).sum()), 1)  # keep one channel (gate 0) when none is positive
+            values, idx = values[:n].relu_(), idx[:n]
+        return values, idx
+
+    def _batch_one(self) -> _BatchOne | None:
+        """The tensors of the batch-1 path (:class:`_BatchOne`), or None when the BatchNorm normalises with
+        batch statistics. Cached while the parameters and statistics are unchanged, when no gradient is
+        recorded."""
+        state = self.fbs_state
+        norm = state.norm
+        predictor = self._modules["predictor"]  # not nn.Module.__getattr__, see _tensors
+        tensors = _tensors(predictor, "weight", "bias") + _tensors(self, "weight", "bias")
         if norm is not None:
-            tensors += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
-        cache = not torch.is_grad_enabled()
-        key = _version_key(tensors) if cache else None
-        if key is not None and state.fold_cache is not None and state.fold_cache[0] == key:
-            return state.fold_cache[1]
-        weight, bias = self.weight, self.bias
-        if norm is not None:
-            scale = torch.rsqrt(norm.running_var + norm.eps)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            shift = -norm.running_mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias
-            weight = weight * scale.view(-1, 1, 1, 1)
-            bias = shift if bias is None else torch.addcmul(shift, bias, scale)
-        folded = (weight, bias)
+            tensors += _tensors(norm, "running_mean", "running_var", "weight", "bias")
+            if norm.training or tensors[4] is None or tensors[5] is None:
+                return None
+        key = None if torch.is_grad_enabled() else _version_key(tensors, self.channels_last_one)
+        cached = state.fold_cache
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        weight, bias = _fold(*tensors[2:], eps=norm.eps if norm is not None else 0.0)
+        compact = self.fbs_source is not None
+        pred_weight, pred_bias = tensors[:2]
+        channels_last = self.channels_last_one and not compact
+        prepared = _BatchOne(
+            rows=_weight_rows(weight, channels_last),
+            shape=weight.shape,
+            channels_last=channels_last,
+            bias=bias,
+            # a compact input reads rows of the transposed weight (embedding_bag), a full one multiplies
+            predictor=pred_weight.t().contiguous() if compact else pred_weight,
+            predictor_bias=pred_bias,
+            offsets=torch.zeros(1, dtype=torch.long, device=pred_weight.device),
+        )
         if key is not None:
-            state.fold_cache = (key, folded)
-        return folded
+            state.fold_cache = (key, prepared)
+        return prepared
 
     def _record(self, kept: Tensor, out: Tensor) -> None:
         """Per-image MACs of batch-1 execution: kept outputs x (source's kept or all) inputs + predictor."""
@@ -466,6 +599,75 @@ class FBSBatchNorm2d(nn.BatchNorm2d):
         return apply_gate(y, state)
 
 
+class FBSLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters) reading a gated conv's flattened compact output: only the weight
+    columns of the computed channels are used, so the (memory-bound at batch 1) layer reads ``d`` of its
+    weight. With full-width input (training, ``skip=False``) it is the plain Linear.
+
+    The columns of channel ``c`` are ``c * P ... c * P + P - 1`` (``P = in_features / channels`` positions,
+    ``flatten(1)`` order). Batch 1 sums the rows of the transposed weight for the computed channels'
+    inputs, weighted by them (``embedding_bag``, the rows read in place, no copy); inputs that are exactly
+    0 are summed like the others, as the dense Linear does. Larger batches copy the kept channels' rows
+    once and multiply. The transposed weight is cached while the weight is unchanged, when no gradient is
+    recorded (as the conv's ``fold_cache``)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, state: GateState, name: str, source: str) -> FBSLinear:
+        if type(linear) is not nn.Linear:
+            raise TypeError(
+                f"FBS compact reader {name!r}: expected exactly nn.Linear, got {type(linear).__name__}"
+            )
+        if linear.in_features % state.channels:
+            raise ValueError(
+                f"FBS compact reader {name!r}: {linear.in_features} input features are not a whole number of "
+                f"positions per channel of {source!r} ({state.channels} channels)"
+            )
+        new = cls.__new__(cls)
+        _move_state(linear, new)
+        new.fbs_source = state
+        new.fbs_name = name
+        new.fbs_source_name = source
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.fbs_source
+        idx = state.out_idx
+        if idx is None:
+            return super().forward(x)
+        positions = self.in_features // state.channels
+        if x.dim() != 2 or x.shape[1] != idx.numel() * positions:
+            raise RuntimeError(
+                f"FBS layer {self.fbs_name!r} expected the flattened compact output of "
+                f"{self.fbs_source_name!r} ({idx.numel()} channels x {positions} positions), got "
+                f"{tuple(x.shape)}"
+            )
+        weight_t, columns, offsets = self._weight_t()
+        cols = columns.index_select(0, idx).view(-1)  # the input features of the computed channels
+        (bias,) = _tensors(self, "bias")
+        if x.shape[0] == 1:
+            # One weighted sum of the kept channels' rows, read in place (no copy of the weight). Inputs
+            # that are 0 (ReLU) are not skipped: a dense Linear does not skip them either.
+            out = torch.embedding_bag(weight_t, cols, offsets, False, 0, False, x[0])[0]
+            return out if bias is None else out + bias
+        weight_t = weight_t.index_select(0, cols)
+        return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+
+    def _weight_t(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``weight.t()``, contiguous (one row per input feature), the ``[channels, positions]`` table of the
+        input features of each channel and ``[0]`` (the offsets of one bag); cached, see the class
+        docstring."""
+        state, (weight,) = self.fbs_source, _tensors(self, "weight")
+        key = None if torch.is_grad_enabled() else _version_key([weight])
+        cached = state.linear_cache
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        columns = torch.arange(self.in_features, device=weight.device).view(state.channels, -1)
+        found = (weight.t().contiguous(), columns, columns.new_zeros(1))
+        if key is not None:
+            state.linear_cache = (key, found)
+        return found
+
+
 # ------------------------------------------------------------------------------------------ graph analysis
 
 
@@ -475,24 +677,32 @@ class LayerPlan:
 
     ``norm``: FQN (in the network) of the BatchNorm2d the gate follows, None to gate the conv output.
     ``source``: FQN of the gated conv whose compact output is this conv's only input at eval, or None.
+    For a conv whose output no gated conv reads, where the compact output (eval, skipping) goes:
+    ``expand_after``: FQN of the last zero-preserving module (ReLU, pooling, ...) it passes through, whose
+    output is scattered back to full width (None: at the gate point); ``linear``: FQN of the ``nn.Linear``
+    that reads it flattened (only the columns of the computed channels; it is never scattered back).
+    Plans stored before these two fields existed lack them: they default to None (scatter at the gate
+    point), and loading a zoo entry finds them again (:func:`plan_tails`).
     """
 
     density: float = 1.0
     boost: bool = True
     norm: str | None = None
     source: str | None = None
+    expand_after: str | None = None
+    linear: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "?") -> LayerPlan:
-        if not isinstance(data, Mapping) or set(data) - {"density", "boost", "norm", "source"}:
+        keys = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping) or set(data) - set(keys):
             raise ValueError(
-                f"FBS layer plan for {name!r} must be a mapping with keys density, boost, norm, source; "
-                f"got {data!r}"
+                f"FBS layer plan for {name!r} must be a mapping with keys {', '.join(keys)}; got {data!r}"
             )
-        for key in ("norm", "source"):
+        for key in ("norm", "source", "expand_after", "linear"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"FBS layer plan for {name!r}: {key} must be a module name or null")
         if not isinstance(data.get("boost", True), bool):
@@ -504,6 +714,8 @@ class LayerPlan:
             boost=data.get("boost", True),
             norm=data.get("norm"),
             source=data.get("source"),
+            expand_after=data.get("expand_after"),
+            linear=data.get("linear"),
         )
 
 
@@ -618,10 +830,7 @@ def plan_fbs(
     strict = targets is not None if strict is None else strict
     gm = _trace(network)
     modules = dict(gm.named_modules())
-    calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
+    calls = _module_calls(gm)
     convs = [n for n, m in network.named_modules() if type(m) is nn.Conv2d]
     wanted = list(convs if targets is None else targets)
 
@@ -685,7 +894,87 @@ def plan_fbs(
         consumers = _compact_consumers(gate_node, set(chosen), modules)
         for consumer in consumers or ():
             plans[consumer]["source"] = name
-    return {name: LayerPlan(**plan) for name, plan in plans.items()}
+    return _with_tails({name: LayerPlan(**plan) for name, plan in plans.items()}, modules, calls)
+
+
+def plan_tails(network: nn.Module, plans: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """``plans`` with ``expand_after`` / ``linear`` found by tracing ``network`` (not gated yet): for plans
+    stored before those fields existed. Raises ValueError when the network cannot be traced."""
+    gm = _trace(network)
+    return _with_tails(plans, dict(gm.named_modules()), _module_calls(gm))
+
+
+def _module_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Module FQN -> the graph nodes calling it."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def _with_tails(
+    plans: Mapping[str, LayerPlan], modules: Mapping[str, nn.Module], calls: Mapping[str, list[fx.Node]]
+) -> dict[str, LayerPlan]:
+    """``plans`` where each conv read by no gated conv gets its :func:`_tail` (the others are unchanged)."""
+    sources = {plan.source for plan in plans.values()}
+    out = dict(plans)
+    for name, plan in plans.items():
+        gate = calls.get(plan.norm or name, [])
+        if name in sources or len(gate) != 1 or name not in modules:
+            continue
+        expand_after, linear = _tail(gate[0], modules, calls, modules[name].out_channels)
+        out[name] = replace(plan, expand_after=expand_after, linear=linear)
+    return out
+
+
+def _tail(
+    start: fx.Node, modules: Mapping[str, nn.Module], calls: Mapping[str, list[fx.Node]], channels: int
+) -> tuple[str | None, str | None]:
+    """Where a gate point's compact output can go before it must be full width: ``(expand_after, None)``
+    with the last module called once on the chain of single-use zero-preserving ops after ``start`` (None
+    when there is none), or ``(None, linear)`` when the chain ends in ``flatten(1)`` and an ``nn.Linear``."""
+    node, last = start, None
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not _is_zero_preserving(user, modules):
+            linear = _flatten_linear(user, modules, calls, channels)
+            return (None, linear) if linear is not None else (last, None)
+        if user.op == "call_module" and len(calls.get(user.target, [])) == 1:
+            last = user.target  # a hook on a module called more than once would fire at its other calls
+        node = user
+    return last, None
+
+
+def _flatten_linear(
+    node: fx.Node, modules: Mapping[str, nn.Module], calls: Mapping[str, list[fx.Node]], channels: int
+) -> str | None:
+    """The ``nn.Linear`` (called once) that is the only user of ``node`` when ``node`` is ``flatten(x, 1)``
+    (function, method or ``nn.Flatten``) and the Linear's inputs are whole channels; else None."""
+    if not (_single_tensor_arg(node) and _is_flatten_1(node, modules) and len(node.users) == 1):
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or len(calls.get(user.target, [])) != 1 or not _single_tensor_arg(user):
+        return None
+    linear = modules[user.target]
+    if type(linear) is not nn.Linear or linear.in_features % channels:
+        return None
+    return user.target
+
+
+def _is_flatten_1(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """``flatten(x, 1)`` / ``x.flatten(1)`` / ``nn.Flatten()``: [B, C, H, W] -> [B, C * H * W]."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
+    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    )
+    if not is_flatten:
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return (start, end) == (1, -1)
 
 
 def _compact_consumers(
@@ -726,25 +1015,22 @@ def apply_fbs(
     """Swap the planned convs (and their BatchNorms) for FBS layers in place; returns name -> layer.
 
     ``plans`` maps conv FQNs to :class:`LayerPlan` (or its dict form, as on zoo cards). Predictors are
-    created on the conv's device, initialised from ``generator`` (seed it for identical runs).
+    created on the conv's device, initialised from ``generator`` (seed it for identical runs). A plan's
+    ``linear`` is swapped for an :class:`FBSLinear` (same parameters); its ``expand_after`` module gets a
+    forward hook that scatters the compact output back to full width.
     """
     plans = {n: p if isinstance(p, LayerPlan) else LayerPlan.from_dict(p, n) for n, p in plans.items()}
     if not plans:
         raise ValueError("FBS plan is empty: nothing to gate")
     modules = dict(network.named_modules())
-    for name, plan in plans.items():
-        for what, ref in (("conv", name), ("norm", plan.norm), ("source", plan.source)):
-            if ref is not None and ref not in modules:
-                raise ValueError(f"FBS plan names {what} {ref!r}, which the network does not have")
-        if plan.source is not None and plan.source not in plans:
-            raise ValueError(f"FBS plan: {name!r} reads the compact output of {plan.source!r}, not gated")
     sources = {p.source for p in plans.values() if p.source is not None}
+    _check_plans(plans, modules, sources)
     layers: dict[str, FBSConv2d] = {}
     for name, plan in plans.items():
         layer = FBSConv2d.from_conv(
             modules[name], name=name, density=plan.density, boost=plan.boost, generator=generator
         )
-        layer.fbs_state.expand = name not in sources
+        layer.fbs_state.expand = name not in sources and plan.expand_after is None and plan.linear is None
         layer.fbs_norm = plan.norm
         _replace(network, name, layer)
         layers[name] = layer
@@ -757,8 +1043,9 @@ def apply_fbs(
                 )
             _replace(network, plan.norm, FBSBatchNorm2d.from_bn(bn, layer.fbs_state, plan.norm))
     for name, plan in plans.items():
+        layer = layers[name]
         if plan.source is not None:
-            layer, source = layers[name], layers[plan.source]
+            source = layers[plan.source]
             if source.out_channels != layer.in_channels:
                 raise ValueError(
                     f"FBS plan: {name!r} ({layer.in_channels} input channels) cannot read the compact "
@@ -766,7 +1053,67 @@ def apply_fbs(
                 )
             layer.fbs_source_name = plan.source
             layer.fbs_source = source.fbs_state
+        _apply_tail(network, modules, name, layer, plan)
     return layers
+
+
+def _check_plans(plans: Mapping[str, LayerPlan], modules: Mapping[str, nn.Module], sources: set[str]) -> None:
+    """ValueError for a plan naming a module the network lacks or an impossible combination."""
+    for name, plan in plans.items():
+        refs = (
+            ("conv", name),
+            ("norm", plan.norm),
+            ("source", plan.source),
+            ("expand_after", plan.expand_after),
+            ("linear", plan.linear),
+        )
+        for what, ref in refs:
+            if ref is not None and ref not in modules:
+                raise ValueError(f"FBS plan names {what} {ref!r}, which the network does not have")
+        if plan.source is not None and plan.source not in plans:
+            raise ValueError(f"FBS plan: {name!r} reads the compact output of {plan.source!r}, not gated")
+        _check_end(name, plan, plans, modules, sources)
+
+
+def _check_end(
+    name: str,
+    plan: LayerPlan,
+    plans: Mapping[str, LayerPlan],
+    modules: Mapping[str, nn.Module],
+    sources: set[str],
+) -> None:
+    """ValueError unless ``plan``'s compact output has at most one end, which no other plan uses."""
+    ends = {ref for ref in (plan.expand_after, plan.linear) if ref is not None}
+    if ends and (name in sources or len(ends) > 1):
+        read = "is read by a gated conv" if name in sources else "is read by no gated conv"
+        raise ValueError(
+            f"FBS plan: {name!r} has expand_after {plan.expand_after!r}, linear {plan.linear!r} and "
+            f"{read}; its compact output can go to only one of them"
+        )
+    for other, other_plan in plans.items():
+        if other != name and ends & {other_plan.expand_after, other_plan.linear}:
+            raise ValueError(f"FBS plan: {name!r} and {other!r} end their compact outputs at the same module")
+    after = modules[plan.expand_after] if plan.expand_after is not None else None
+    if after is not None and type(after) not in _ZERO_PRESERVING_MODULES:
+        raise ValueError(
+            f"FBS plan: {name!r} expands after {plan.expand_after!r}, a {type(after).__name__}, which is "
+            "not a zero-preserving per-channel module"
+        )
+
+
+def _apply_tail(
+    network: nn.Module, modules: Mapping[str, nn.Module], name: str, layer: FBSConv2d, plan: LayerPlan
+) -> None:
+    """Install where ``layer``'s compact output ends: the scatter hook, or the :class:`FBSLinear`."""
+    layer.fbs_expand_after, layer.fbs_linear = plan.expand_after, plan.linear
+    if plan.expand_after is not None:
+        modules[plan.expand_after].register_forward_hook(_ScatterAfter(layer.fbs_state))
+    if plan.linear is not None:
+        try:
+            reader = FBSLinear.from_linear(modules[plan.linear], layer.fbs_state, plan.linear, name)
+        except TypeError as err:
+            raise ValueError(f"FBS plan: {err}") from err
+        _replace(network, plan.linear, reader)
 
 
 def fbs_layers(network: nn.Module) -> dict[str, FBSConv2d]:
@@ -777,7 +1124,14 @@ def fbs_layers(network: nn.Module) -> dict[str, FBSConv2d]:
 def layer_plans(network: nn.Module) -> dict[str, LayerPlan]:
     """The plan of every FBS layer of ``network`` as it is now (density included), for zoo cards."""
     return {
-        n: LayerPlan(density=m.density, boost=m.boost, norm=m.fbs_norm, source=m.fbs_source_name)
+        n: LayerPlan(
+            density=m.density,
+            boost=m.boost,
+            norm=m.fbs_norm,
+            source=m.fbs_source_name,
+            expand_after=m.fbs_expand_after,
+            linear=m.fbs_linear,
+        )
         for n, m in fbs_layers(network).items()
     }
 

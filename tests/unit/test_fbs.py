@@ -13,6 +13,8 @@ from torch import nn
 from lit_compress.gating.fbs import (
     FBSBatchNorm2d,
     FBSConv2d,
+    FBSLinear,
+    GateState,
     LayerPlan,
     apply_fbs,
     check_density,
@@ -162,6 +164,16 @@ def test_single_conv_without_batchnorm_is_gated_at_its_output():
     torch.testing.assert_close(net(x), ref.b(h) * gate[:, :, None, None], rtol=1e-5, atol=1e-6)
 
 
+def test_density_one_at_batch_one_keeps_the_channel_order():
+    # batch 1 computes the channels in top-k order: a permutation even when every channel is kept, which
+    # must still be scattered back (or read) in the right order
+    net = tiny_cifarnet().eval()
+    ref = copy.deepcopy(net)
+    gated(net, density=1.0, boost=False)
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ L1 term
 
 
@@ -217,7 +229,8 @@ def test_plan_of_cifarnet_chains_compact_tensors_between_gated_convs():
     assert plans == {
         "features.1.0": LayerPlan(0.5, True, "features.1.1", None),
         "features.3.0": LayerPlan(0.5, True, "features.3.1", "features.1.0"),
-        "features.4.0": LayerPlan(0.5, True, "features.4.1", "features.3.0"),
+        # the last gated output reaches the classifier's Linear through ReLU, max-pool and flatten
+        "features.4.0": LayerPlan(0.5, True, "features.4.1", "features.3.0", linear="classifier.0"),
     }
 
 
@@ -273,6 +286,54 @@ def test_batch_one_fold_follows_parameter_updates_and_inference_mode():
     assert not torch.allclose(updated, first)
     torch.testing.assert_close(updated, masked(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net(x), updated, rtol=1e-5, atol=1e-6)  # grad enabled: no cache, same result
+
+
+def test_batch_one_cache_follows_predictor_updates():
+    net = tiny_cifarnet().eval()
+    layers = gated(net, density=0.5)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        first = net(x)
+        for layer in layers.values():  # in place: the cached predictor tensors must be rebuilt
+            layer.predictor.weight.copy_(torch.randn_like(layer.predictor.weight))
+        updated = net(x)
+        set_skip(net, False)
+        masked = net(x)
+    assert not torch.allclose(updated, first)
+    torch.testing.assert_close(updated, masked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("boost", [True, False])
+def test_batch_one_when_no_saliency_is_positive(boost):
+    """Every saliency <= 0: with boost one channel is computed with gate 0 (the layer outputs zeros, its
+    BatchNorm shift included), without boost the top k of relu(saliency) (all 0) are kept with gate 1."""
+    net = tiny_cifarnet().eval()
+    layers = gated(net, density=0.5, boost=boost)
+    with torch.no_grad():
+        layers["features.3.0"].predictor.bias.fill_(-100.0)
+    x = torch.randn(1, 1, 8, 8)
+    seen: dict[str, int] = {}
+    layers["features.3.0"].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out.shape[1]))
+    with torch.no_grad():
+        fast = net(x)
+        assert seen["out"] == (1 if boost else 4)
+        set_skip(net, False)
+        torch.testing.assert_close(fast, net(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_last_network_computes_the_same(batch):
+    """``net.to(memory_format=torch.channels_last)`` (how zoo latency times a conv net in that layout) keeps
+    the gated network's function, its batch-1 path included."""
+    base = random_cifarnet(6).eval()
+    gated(base, density=0.5)
+    converted = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    assert converted.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 1, 12, 12)
+    with torch.no_grad():
+        expected = base(x)
+        got = converted(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_on_batch_statistics_in_eval_is_not_folded():
@@ -344,6 +405,240 @@ def test_zero_saliencies_are_skipped_so_work_varies_per_image():
     torch.testing.assert_close(fast, net(x), rtol=1e-5, atol=1e-6)
 
 
+# --------------------------------------------------------------------- compact outputs after the gate point
+
+
+def random_cifarnet(width: int, seed: int = 0) -> CifarNet:
+    """CifarNet on 12x12 inputs (3x3 maps before the classifier) with non-trivial BatchNorms."""
+    torch.manual_seed(seed)
+    net = CifarNet(in_chans=1, img_size=12, width=width, hidden=16)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return net
+
+
+def without_tails(plans: dict[str, LayerPlan]) -> dict[str, dict]:
+    """The plans as a card written before ``expand_after`` / ``linear`` existed stores them."""
+    return {
+        n: {k: v for k, v in p.to_dict().items() if k not in ("expand_after", "linear")}
+        for n, p in plans.items()
+    }
+
+
+def set_skip(net: nn.Module, skip: bool) -> None:
+    for layer in fbs_layers(net).values():
+        layer.skip = skip
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("density", [0.25, 0.375, 0.5, 1.0])
+@pytest.mark.parametrize("width", [4, 6])
+def test_compact_through_maxpool_and_linear_equals_the_expanded_and_full_paths(
+    width, density, batch, channels_last, monkeypatch
+):
+    monkeypatch.setattr(FBSConv2d, "channels_last_one", channels_last)
+    base = random_cifarnet(width).eval()
+    plans = plan_fbs(base, density=density)
+    assert plans["features.4.0"].linear == "classifier.0"
+    compact, expanded = copy.deepcopy(base), copy.deepcopy(base)
+    apply_fbs(compact, plans, generator=torch.Generator().manual_seed(1))
+    apply_fbs(expanded, without_tails(plans), generator=torch.Generator().manual_seed(1))  # scatter at BN
+    assert type(expanded.classifier[0]) is nn.Linear and isinstance(compact.classifier[0], FBSLinear)
+    x = torch.randn(batch, 1, 12, 12)
+    with torch.no_grad():
+        fast, scattered = compact(x), expanded(x)
+        set_skip(compact, False)
+        full = compact(x)
+    scale = full.abs().max().item()
+    torch.testing.assert_close(fast, scattered, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5 * scale)
+
+
+def test_maxpool_and_linear_run_on_the_compact_tensor():
+    net = random_cifarnet(8).eval()
+    gated(net, density=0.25, boost=False)  # k = 2 of 8, 4 of 16, 4 of 16
+    seen: dict[str, tuple[int, ...]] = {}
+    for name in ("features.2", "features.5", "classifier.0"):
+        net.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, (tuple(args[0].shape), tuple(out.shape)))
+        )
+    with torch.no_grad():
+        net(torch.randn(1, 1, 12, 12))
+    assert seen["features.2"] == ((1, 2, 12, 12), (1, 2, 6, 6))  # first gated conv's compact output
+    assert seen["features.5"] == ((1, 4, 6, 6), (1, 4, 3, 3))  # last gated conv: no longer scattered at BN
+    assert seen["classifier.0"] == ((1, 4 * 9), (1, 16))  # the Linear reads 36 of its 144 input features
+    with torch.no_grad():
+        set_skip(net, False)
+        net(torch.randn(1, 1, 12, 12))
+    assert seen["features.5"][0] == (1, 16, 6, 6) and seen["classifier.0"][0] == (1, 144)
+
+
+def test_fbs_linear_reading_kept_columns_equals_the_dense_linear():
+    torch.manual_seed(0)
+    channels, positions = 6, 4
+    linear = nn.Linear(channels * positions, 5)
+    state = GateState(channels)
+    reader = FBSLinear.from_linear(copy.deepcopy(linear), state, "fc", "conv")
+    assert reader.weight is not linear.weight and torch.equal(reader.weight, linear.weight)
+    for idx in ([4, 1, 3], [5, 0, 1, 2, 3, 4], [2]):  # top-k order, a permutation of every channel, one
+        state.out_idx = torch.tensor(idx)
+        for batch in (1, 3):
+            compact = torch.randn(batch, len(idx), positions).relu()  # zeros read like the others
+            full = torch.zeros(batch, channels, positions)
+            full[:, idx] = compact
+            expected = linear(full.flatten(1))
+            with torch.no_grad():
+                torch.testing.assert_close(reader(compact.flatten(1)), expected)
+            torch.testing.assert_close(reader(compact.flatten(1)), expected)  # grad enabled: no cache
+    with torch.no_grad():  # every input 0: the bias
+        torch.testing.assert_close(reader(torch.zeros(1, len(idx) * positions)), linear.bias[None])
+    with pytest.raises(RuntimeError, match="flattened compact output"):
+        reader(torch.randn(1, 2 * positions))
+    state.out_idx = None  # full width (training, skip=False): the plain Linear
+    x = torch.randn(2, channels * positions)
+    assert torch.equal(reader(x), linear(x))
+    with pytest.raises(ValueError, match="whole number"):
+        FBSLinear.from_linear(nn.Linear(10, 3), GateState(4), "fc", "conv")
+
+
+def test_fbs_linear_at_batch_one_reads_every_kept_column_zero_inputs_included(monkeypatch):
+    """Only the computed channels' columns are read (that is FBS), but all of them: inputs that are 0 after
+    the ReLU are not skipped, as the dense Linear it is compared with does not skip them either."""
+    torch.manual_seed(0)
+    channels, positions = 6, 4
+    linear = nn.Linear(channels * positions, 5)
+    state = GateState(channels)
+    reader = FBSLinear.from_linear(copy.deepcopy(linear), state, "fc", "conv")
+    state.out_idx = torch.tensor([4, 1, 3])
+    compact = torch.randn(1, 3 * positions).relu()
+    compact[0, :positions] = 0.0  # a whole kept channel that is 0
+    read: list[torch.Tensor] = []
+    bag = torch.embedding_bag
+    monkeypatch.setattr(torch, "embedding_bag", lambda w, idx, *a: read.append(idx) or bag(w, idx, *a))
+    with torch.no_grad():
+        out = reader(compact)
+    (rows,) = read
+    expected_rows = torch.tensor([c * positions + p for c in (4, 1, 3) for p in range(positions)])
+    assert torch.equal(rows, expected_rows)
+    full = torch.zeros(1, channels, positions)
+    full[:, [4, 1, 3]] = compact.view(1, 3, positions)
+    torch.testing.assert_close(out, linear(full.flatten(1)))
+
+
+def test_fbs_linear_cache_follows_weight_updates():
+    net = random_cifarnet(4).eval()
+    gated(net, density=0.5)
+    x = torch.randn(1, 1, 12, 12)
+    with torch.inference_mode():
+        first = net(x)
+    with torch.no_grad():
+        net.classifier[0].weight.mul_(2.0)
+        updated = net(x)
+        set_skip(net, False)
+        full = net(x)
+    assert not torch.allclose(first, updated)
+    torch.testing.assert_close(updated, full, rtol=1e-5, atol=1e-5)
+
+
+def test_training_is_unchanged_by_the_compact_tail():
+    base = random_cifarnet(6).train()
+    plans = plan_fbs(base, density=0.5)
+    new, old = copy.deepcopy(base), copy.deepcopy(base)
+    apply_fbs(new, plans, generator=torch.Generator().manual_seed(1))
+    apply_fbs(old, without_tails(plans), generator=torch.Generator().manual_seed(1))
+    x, y = torch.randn(4, 1, 12, 12), torch.randint(0, 10, (4,))
+    losses = []
+    for net in (new, old):
+        torch.manual_seed(3)  # same dropout mask
+        loss = F.cross_entropy(net(x), y) + 1e-4 * saliency_l1(fbs_layers(net).values())
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), (_, q) in zip(new.named_parameters(), old.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+class PoolThenConv(nn.Module):
+    """A gated conv whose output passes ReLU and max-pool (modules), then a shared ReLU, before an ungated
+    conv that needs full width: scattered back after the pool (the last module called once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act, self.pool, self.shared = nn.ReLU(), nn.MaxPool2d(2), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.shared(self.bn0(self.conv0(x)))
+        x = self.shared(self.pool(self.act(self.bn1(self.conv1(x)))))  # `shared` is called twice
+        return self.conv2(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compact_output_is_scattered_back_after_the_last_zero_preserving_module(batch):
+    torch.manual_seed(0)
+    net = PoolThenConv().eval()
+    plans = plan_fbs(net, ["conv1"], density=0.5)
+    assert plans == {"conv1": LayerPlan(0.5, True, "bn1", None, expand_after="pool")}
+    apply_fbs(net, plans)
+    seen: dict[str, int] = {}
+    for name in ("act", "pool", "conv2"):
+        net.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, args[0].shape[1])
+        )
+    x = torch.randn(batch, 1, 8, 8)
+    with torch.no_grad():
+        fast = net(x)
+        if batch == 1:
+            assert seen == {"act": 4, "pool": 4, "conv2": 8}  # compact through ReLU and pool, then full
+        set_skip(net, False)
+        torch.testing.assert_close(fast, net(x), rtol=1e-5, atol=1e-6)
+    copied = copy.deepcopy(net)  # the copied hook scatters with the copied state
+    (hook,) = [h for h in copied.pool._forward_hooks.values() if hasattr(h, "state")]  # not the test's
+    assert hook.state is copied.conv1.fbs_state
+    set_skip(copied, True)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), fast)
+
+
+def test_plan_with_bad_tails_is_refused():
+    net = tiny_cifarnet()
+    plans = plan_fbs(net, density=0.5)
+    bad_after = {
+        **plans,
+        "features.4.0": LayerPlan(0.5, True, "features.4.1", "features.3.0", "features.4.1"),
+    }
+    with pytest.raises(ValueError, match="not a zero-preserving"):
+        apply_fbs(copy.deepcopy(net), bad_after)
+    both = LayerPlan(0.5, True, "features.4.1", "features.3.0", "features.5", "classifier.0")
+    with pytest.raises(ValueError, match="only one"):
+        apply_fbs(copy.deepcopy(net), {**plans, "features.4.0": both})
+    source_with_tail = LayerPlan(0.5, True, "features.1.1", None, linear="classifier.0")
+    with pytest.raises(ValueError, match="only one"):
+        apply_fbs(copy.deepcopy(net), {**plans, "features.1.0": source_with_tail})
+    with pytest.raises(ValueError, match="nope"):
+        apply_fbs(
+            copy.deepcopy(net),
+            {**plans, "features.4.0": {**plans["features.4.0"].to_dict(), "linear": "nope"}},
+        )
+    shared = {
+        **plans,
+        "features.3.0": LayerPlan(0.5, True, "features.3.1", "features.1.0", linear="classifier.0"),
+        "features.4.0": LayerPlan(0.5, True, "features.4.1", None, linear="classifier.0"),
+    }
+    with pytest.raises(ValueError, match="same module"):
+        apply_fbs(copy.deepcopy(net), shared)
+    with pytest.raises(ValueError, match="keys"):
+        LayerPlan.from_dict({"density": 0.5, "tail": None})
+
+
 # ------------------------------------------------------------------------------------------ copies and specs
 
 
@@ -377,6 +672,7 @@ def test_structure_spec_rebuilds_the_gated_network():
     rebuilt.eval()
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(rebuilt(x), net(x))
+    assert spec["layers"]["features.4.0"]["linear"] == "classifier.0"
     with pytest.raises(ZooFormatError):
         build_fbs(CifarNet(in_chans=1, img_size=8, width=4, hidden=16), {**spec, "version": 99})
     with pytest.raises(ZooFormatError, match="does not have"):
@@ -384,6 +680,49 @@ def test_structure_spec_rebuilds_the_gated_network():
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
+
+def test_card_written_before_the_tail_fields_still_loads(monkeypatch):
+    import importlib
+
+    from lit_compress.gating.fbs_structure import build_fbs
+    from lit_compress.gating.fbs_structure import fbs_structure as structure_of
+
+    # the module itself: lit_compress.gating exports a function of the same name
+    module = importlib.import_module("lit_compress.gating.fbs_structure")
+
+    net = tiny_cifarnet().eval()
+    gated(net, density=0.5, seed=3)
+    spec = structure_of(net)
+    old_spec = {**spec, "layers": without_tails(plan_fbs(tiny_cifarnet(), density=0.5))}
+    assert old_spec["layers"]["features.4.0"] == {
+        "density": 0.5,
+        "boost": True,
+        "norm": "features.4.1",
+        "source": "features.3.0",
+    }
+    x = torch.randn(1, 1, 8, 8)
+    expected = net(x)
+    rebuilt = build_fbs(CifarNet(in_chans=1, img_size=8, width=4, hidden=16), old_spec)  # traced once
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    assert isinstance(rebuilt.eval().classifier[0], FBSLinear)
+    torch.testing.assert_close(rebuilt(x), expected)
+
+    # untraceable: the card's behaviour (scatter at the gate point)
+    traced = []
+
+    def untraceable(model, plans):
+        traced.append(model)
+        raise ValueError("tracing failed")
+
+    monkeypatch.setattr(module, "plan_tails", untraceable)
+    rebuilt = build_fbs(CifarNet(in_chans=1, img_size=8, width=4, hidden=16), old_spec)
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    assert len(traced) == 1 and type(rebuilt.eval().classifier[0]) is nn.Linear
+    torch.testing.assert_close(rebuilt(x), expected)
+    # a current card is not traced
+    rebuilt = build_fbs(CifarNet(in_chans=1, img_size=8, width=4, hidden=16), spec)
+    assert len(traced) == 1 and isinstance(rebuilt.classifier[0], FBSLinear)
 
 
 def test_conv_reading_the_network_input_has_no_predecessor():
