@@ -94,7 +94,7 @@ def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
     if claimed.speedup <= 1.0:
         return
     from lit_compress.zoo.evaluate import timing_images
-    from lit_compress.zoo.latency import measure_card_latency
+    from lit_compress.zoo.latency import card_layouts, measure_card_latency
 
     (measured,) = measure_card_latency(
         model,
@@ -105,6 +105,7 @@ def _check_speedup(problems: list[str], model, card: Card, claimed) -> None:
         threads=claimed.threads,
         rounds=3,
         inputs=timing_images(model, card.dataset.name),
+        layouts=card_layouts(claimed.reference),
     )
     # At least half of the claimed gain must remain (a claimed 1.6x needs >= 1.3x now).
     required = 1.0 + 0.5 * (claimed.speedup - 1.0)
