@@ -130,11 +130,17 @@ def test_fresh_venv_zoo_cli(venv, fresh_env, tmp_path, shared_data_dir):
     listed = [line.split()[0] for line in proc.stdout.strip().splitlines()[2:]]
     assert listed == SHIPPED and ENTRY in listed
 
-    proc = _run([cli, "zoo", "verify"], env=env, cwd=tmp_path, timeout=300)
+    # Re-measured from the installed copy: the LeNet entries cover every weight codec (safetensors, sparse,
+    # deep-compression, bit-packed binary) and int8 / structured / low-rank architectures.
+    # tests/integration/test_zoo_real.py verifies every entry from the checkout; doing all of them twice
+    # would add minutes (the width-128 CifarNets alone take about two).
+    proc = _run([cli, "zoo", "verify", "*lenet*"], env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for entry in SHIPPED:
+    lenets = [entry for entry in SHIPPED if "lenet" in entry]
+    assert len(lenets) >= 10
+    for entry in lenets:
         assert f"OK   {entry}" in proc.stdout
-    assert f"{len(SHIPPED)} verified, 0 failed" in proc.stdout
+    assert f"{len(lenets)} verified, 0 failed" in proc.stdout
 
 
 def test_fresh_venv_zoo_load_is_fast(venv, fresh_env, tmp_path):

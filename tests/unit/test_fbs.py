@@ -32,10 +32,12 @@ from lit_compress.measure import count_macs
 from lit_compress.models.cifarnet import CifarNet
 
 
-def tiny_cifarnet(seed: int = 0) -> CifarNet:
+def random_cifarnet(width: int, seed: int = 0, img_size: int = 12) -> CifarNet:
+    """CifarNet (12x12 inputs: 3x3 maps before the classifier) with non-trivial BatchNorm statistics and
+    affine parameters."""
     torch.manual_seed(seed)
-    net = CifarNet(in_chans=1, img_size=8, width=4, hidden=16)
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+    net = CifarNet(in_chans=1, img_size=img_size, width=width, hidden=16)
+    with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -43,6 +45,10 @@ def tiny_cifarnet(seed: int = 0) -> CifarNet:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
     return net
+
+
+def tiny_cifarnet(seed: int = 0) -> CifarNet:
+    return random_cifarnet(4, seed, img_size=8)
 
 
 def gated(net: nn.Module, density: float = 1.0, boost: bool = True, seed: int = 0) -> dict[str, FBSConv2d]:
@@ -406,20 +412,6 @@ def test_zero_saliencies_are_skipped_so_work_varies_per_image():
 
 
 # --------------------------------------------------------------------- compact outputs after the gate point
-
-
-def random_cifarnet(width: int, seed: int = 0) -> CifarNet:
-    """CifarNet on 12x12 inputs (3x3 maps before the classifier) with non-trivial BatchNorms."""
-    torch.manual_seed(seed)
-    net = CifarNet(in_chans=1, img_size=12, width=width, hidden=16)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return net
 
 
 def without_tails(plans: dict[str, LayerPlan]) -> dict[str, dict]:
