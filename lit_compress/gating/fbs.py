@@ -240,6 +240,19 @@ def _version_key(tensors: Sequence[Tensor | None], *extra: Any) -> tuple | None:
         return None
 
 
+def _cached(state: GateState, attr: str, tensors: Sequence[Tensor | None], build: Any, *extra: Any) -> Any:
+    """``build()``, kept in ``state.<attr>`` while ``tensors`` (identity and version) and ``extra`` are
+    unchanged; rebuilt every call while a gradient is recorded (the result must stay in the graph)."""
+    key = None if torch.is_grad_enabled() else _version_key(tensors, *extra)
+    cached = getattr(state, attr)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    value = build()
+    if key is not None:
+        setattr(state, attr, (key, value))
+    return value
+
+
 def _fold(
     weight: Tensor,
     bias: Tensor | None,
@@ -509,15 +522,19 @@ class FBSConv2d(nn.Conv2d):
             tensors += _tensors(norm, "running_mean", "running_var", "weight", "bias")
             if norm.training or tensors[4] is None or tensors[5] is None:
                 return None
-        key = None if torch.is_grad_enabled() else _version_key(tensors, self.channels_last_one)
-        cached = state.fold_cache
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        return _cached(
+            state, "fold_cache", tensors, lambda: self._prepare_batch_one(tensors), self.channels_last_one
+        )
+
+    def _prepare_batch_one(self, tensors: list[Tensor | None]) -> _BatchOne:
+        """:class:`_BatchOne` from ``tensors`` (predictor weight and bias, conv weight and bias, then the
+        BatchNorm's running mean, running variance, weight and bias when there is one)."""
+        norm = self.fbs_state.norm
         weight, bias = _fold(*tensors[2:], eps=norm.eps if norm is not None else 0.0)
         compact = self.fbs_source is not None
         pred_weight, pred_bias = tensors[:2]
         channels_last = self.channels_last_one and not compact
-        prepared = _BatchOne(
+        return _BatchOne(
             rows=_weight_rows(weight, channels_last),
             shape=weight.shape,
             channels_last=channels_last,
@@ -527,9 +544,6 @@ class FBSConv2d(nn.Conv2d):
             predictor_bias=pred_bias,
             offsets=torch.zeros(1, dtype=torch.long, device=pred_weight.device),
         )
-        if key is not None:
-            state.fold_cache = (key, prepared)
-        return prepared
 
     def _record(self, kept: Tensor, out: Tensor) -> None:
         """Per-image MACs of batch-1 execution: kept outputs x (source's kept or all) inputs + predictor."""
@@ -657,15 +671,12 @@ class FBSLinear(nn.Linear):
         input features of each channel and ``[0]`` (the offsets of one bag); cached, see the class
         docstring."""
         state, (weight,) = self.fbs_source, _tensors(self, "weight")
-        key = None if torch.is_grad_enabled() else _version_key([weight])
-        cached = state.linear_cache
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        columns = torch.arange(self.in_features, device=weight.device).view(state.channels, -1)
-        found = (weight.t().contiguous(), columns, columns.new_zeros(1))
-        if key is not None:
-            state.linear_cache = (key, found)
-        return found
+
+        def build() -> tuple[Tensor, Tensor, Tensor]:
+            columns = torch.arange(self.in_features, device=weight.device).view(state.channels, -1)
+            return weight.t().contiguous(), columns, columns.new_zeros(1)
+
+        return _cached(state, "linear_cache", [weight], build)
 
 
 # ------------------------------------------------------------------------------------------ graph analysis
