@@ -1,4 +1,4 @@
-"""``lit-compress zoo {list,show,eval,verify,export,readme}``."""
+"""``lit-compress zoo {list,show,eval,verify,retime,export,readme}``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         help="also re-time entries whose card claims a CPU speed-up and fail if it no longer holds "
         "(wall-clock: run it on a quiet machine)",
     )
+    rt = sub.add_parser(
+        "retime",
+        help="re-measure the latency on matching cards under the current protocol and rewrite only that "
+        "(wall-clock: run it on a quiet machine)",
+    )
+    rt.add_argument("pattern", help="shell-style pattern of the entries, e.g. 'cifarnet-*'")
+    rt.add_argument("--data-dir", default=None)
+    rt.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (median kept)")
+    rt.add_argument("--repeats", type=int, default=20, help="timed calls per round")
+    rt.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     ex = sub.add_parser("export", help="turn a Lightning checkpoint of an ImageClassifier into a zoo entry")
     ex.add_argument("--checkpoint", required=True, help=".ckpt written by `lit-compress fit`")
     ex.add_argument("--config", required=True, help="the recipe YAML that produced the checkpoint")
@@ -112,6 +122,33 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+def _retime(args) -> int:
+    from lit_compress.zoo.retime import retime
+
+    for name in ("rounds", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    results = retime(
+        args.pattern,
+        args.zoo,
+        args.data_dir,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        write=not args.dry_run,
+    )
+    for r in results:
+        if not r.new:
+            print(f"skip {r.name}  (its card has no latency)")
+            continue
+        print(f"{'wrote' if r.written else 'would write'} {r.name}")
+        for old, new in zip(r.old, r.new):
+            print(
+                f"       batch {new.batch_size}: {old.speedup:.2f}x vs {old.reference} -> "
+                f"{new.speedup:.2f}x vs {new.reference} ({new.ms:.3f} ms vs {new.reference_ms:.3f} ms)"
+            )
+    return 0
+
+
 def _export(args) -> int:
     from lit_compress.zoo.from_lightning import export_checkpoint
 
@@ -157,6 +194,7 @@ _COMMANDS = {
     "show": _show,
     "eval": _eval,
     "verify": _verify,
+    "retime": _retime,
     "export": _export,
     "readme": _readme,
 }
