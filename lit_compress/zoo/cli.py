@@ -128,6 +128,9 @@ def _retime(args) -> int:
     for name in ("rounds", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    busy = _busy_note()
+    if busy:
+        print(f"warning: {busy}; the cards would record timings from a loaded machine", file=sys.stderr)
     results = retime(
         args.pattern,
         args.zoo,
@@ -147,6 +150,21 @@ def _retime(args) -> int:
                 f"{new.speedup:.2f}x vs {new.reference} ({new.ms:.3f} ms vs {new.reference_ms:.3f} ms)"
             )
     return 0
+
+
+def _busy_note() -> str | None:
+    """A note when other work occupies the CPU cores (1-minute load average at least the core count minus
+    one), or None (also where the load average is unavailable)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    if load < max(cores - 1, 1):
+        return None
+    return f"load average {load:.2f} on {cores} CPU cores: other processes compete with the timing"
 
 
 def _export(args) -> int:

@@ -149,6 +149,18 @@ def test_cli_prints_old_and_new_claims_and_rejects_bad_input(stub_eval, tmp_path
     assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_cli_warns_when_the_machine_is_busy(stub_eval, tmp_path, fake_timing, capsys, monkeypatch):
+    _export(tmp_path, _old_latency())
+    root = str(tmp_path / "zoo")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert zoo_main(["--zoo", root, "retime", NAME, "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr("os.getloadavg", lambda: (1.9, 1.0, 0.5))
+    assert zoo_main(["--zoo", root, "retime", NAME, "--dry-run"]) == 0
+    assert "load average 1.90 on 2 CPU cores" in capsys.readouterr().err
+
+
 def test_real_retime_offers_the_reference_both_layouts(stub_eval, tmp_path):
     _export(tmp_path, _old_latency())
     (result,) = retime(NAME, zoo=tmp_path / "zoo", rounds=1, repeats=2)
