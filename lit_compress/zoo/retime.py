@@ -88,7 +88,14 @@ def _write_card(card: Card, new: list[Latency], zoo: str | Path | None) -> None:
     notes = f"{card.notes}\n{line}" if card.notes else line
     updated = dataclasses.replace(card, latency=new, notes=notes, card_sha256="").seal()
     Card.from_dict(updated.to_dict(), source=f"card {card.name!r}")  # validate before writing
-    atomic_write_bytes(entry_dir(card.name, zoo) / CARD_FILE, updated.to_json().encode())
+    path = entry_dir(card.name, zoo) / CARD_FILE
+    try:
+        atomic_write_bytes(path, updated.to_json().encode())
+    except OSError as err:  # the card is replaced in one step, so it is still the old one
+        raise ZooError(
+            f"zoo entry {card.name!r}: cannot rewrite {path} ({err.strerror or err}); the card is unchanged. "
+            "Re-time a writable copy of the zoo (--zoo DIR), or measure only (--dry-run)."
+        ) from err
 
 
 def retime(

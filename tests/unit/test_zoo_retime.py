@@ -127,6 +127,23 @@ def test_a_failed_measurement_leaves_the_card_as_it_was(stub_eval, tmp_path, mon
     assert _files(tmp_path) == before
 
 
+def test_an_unwritable_card_is_a_clear_error_and_stays_as_it_was(
+    stub_eval, tmp_path, fake_timing, monkeypatch
+):
+    _export(tmp_path, _old_latency())
+    before = _files(tmp_path)
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("lit_compress.zoo.retime.atomic_write_bytes", read_only)
+    with pytest.raises(
+        ZooError, match=r"cannot rewrite .*card.json \(Permission denied\); the card is unchanged"
+    ):
+        retime_entry(NAME, zoo=tmp_path / "zoo")
+    assert _files(tmp_path) == before
+
+
 def test_mixed_thread_counts_are_refused(stub_eval, tmp_path, fake_timing):
     mixed = _old_latency()
     mixed[1] = dataclasses.replace(mixed[1], threads=2)
