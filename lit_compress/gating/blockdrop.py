@@ -509,6 +509,15 @@ class PolicyNet(nn.Module):
             x = F.avg_pool2d(x, self.downsample)
         return self.body(x)
 
+    @torch.no_grad()
+    def shift_logits(self, delta: float) -> None:
+        """Add ``delta`` to every output logit (through the last Linear's bias): a new keep threshold
+        ``t`` is ``delta = -logit(t)``, with no change to the architecture or the state_dict's keys."""
+        last = [m for m in self.modules() if isinstance(m, nn.Linear)][-1]
+        if last.bias is None:
+            raise ValueError("PolicyNet.shift_logits: the policy's last Linear has no bias to shift")
+        last.bias.add_(delta)
+
     def config(self) -> dict[str, Any]:
         return {
             "num_blocks": self.num_blocks,

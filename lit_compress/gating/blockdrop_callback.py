@@ -23,7 +23,11 @@ What it does to a run (the mechanism lives in :mod:`lit_compress.gating.blockdro
   ``finetune=True`` the joint stage: the user's ``training_step`` runs on the network with *sampled*
   decisions (so the backbone learns to work with dropped blocks, as the official ``finetune.py``) and the
   policy-gradient term is added to its loss; with ``finetune=False`` the policy keeps learning all blocks
-  alone. Stages follow ``trainer.current_epoch``, which Lightning restores on resume.
+  alone. Optionally (``freeze_policy_at``, not in the paper) a last **backbone** stage freezes the policy and
+  trains the backbone alone under the policy's deterministic decisions, the ones inference takes, so the
+  backbone adapts to the exact paths it will run; ``frozen_threshold`` moves the keep threshold for that
+  stage and for inference (folded into the policy's output bias, so an exported network needs nothing new).
+  Stages follow ``trainer.current_epoch``, which Lightning restores on resume.
 - **Evaluation.** Decisions are thresholded at 0.5 (deterministic); in eval mode without autograd the dropped
   blocks are never computed (batch 1: skipped; batches: grouped per block). Validation and test record the
   decisions: blocks used (mean, std), block usage, histogram, distinct policies and per-image MACs (mean,
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -115,6 +120,11 @@ class BlockDrop:
         curriculum_epochs: epochs of curriculum learning with a frozen backbone (default: one per gated
             block, the paper's pace); 0 skips the curriculum.
         finetune: after the curriculum, train backbone (the module's optimizer) and policy jointly.
+        freeze_policy_at: first epoch of the backbone stage (policy frozen, backbone trained under the
+            policy's deterministic decisions); ``None``: no such stage. Must not precede the curriculum's end.
+        frozen_threshold: keep threshold from the backbone stage on, in (0, 1): a block is kept when its
+            probability is at least this (the paper's 0.5 keeps more blocks than a higher value). Folded
+            into the policy's output bias at the stage's start, once (resume-safe).
         gamma: penalty of a wrong prediction (reward ``-gamma``), >= 0.
         alpha: exploration bound of the sampling probabilities, in (0.5, 1] (official code: 0.8).
         entropy_weight: entropy bonus weight (official curriculum: 0.1).
@@ -139,6 +149,8 @@ class BlockDrop:
         policy_downsample: int = 1,
         curriculum_epochs: int | None = None,
         finetune: bool = True,
+        freeze_policy_at: int | None = None,
+        frozen_threshold: float = 0.5,
         gamma: float = 5.0,
         alpha: float = 0.8,
         entropy_weight: float = 0.1,
@@ -158,6 +170,16 @@ class BlockDrop:
         _check_int("policy_downsample", policy_downsample, 1)
         if curriculum_epochs is not None:
             _check_int("curriculum_epochs", curriculum_epochs, 0)
+        if freeze_policy_at is not None:
+            _check_int("freeze_policy_at", freeze_policy_at, 0)
+        _check_number("frozen_threshold", frozen_threshold, low=0.0, high=1.0, low_inclusive=False)
+        if frozen_threshold == 1.0:
+            raise ValueError("frozen_threshold must be below 1 (a threshold of 1 drops every block), got 1.0")
+        if frozen_threshold != 0.5 and freeze_policy_at is None:
+            raise ValueError(
+                f"frozen_threshold={frozen_threshold:g} applies from the backbone stage on, but "
+                "freeze_policy_at is not set; set freeze_policy_at to the epoch that stage starts"
+            )
         _check_number("gamma", gamma, low=0.0)
         _check_number("alpha", alpha, low=0.5, high=1.0, low_inclusive=False)
         _check_number("entropy_weight", entropy_weight, low=0.0)
@@ -185,6 +207,8 @@ class BlockDrop:
         self.policy_arch, self.policy_width, self.policy_downsample = policy, policy_width, policy_downsample
         self.curriculum_epochs_arg = curriculum_epochs
         self.finetune = finetune
+        self.freeze_policy_at = freeze_policy_at
+        self.frozen_threshold = float(frozen_threshold)
         self.gamma, self.alpha, self.entropy_weight = float(gamma), float(alpha), float(entropy_weight)
         self.policy_lr, self.joint_policy_lr = float(policy_lr), float(joint_policy_lr)
         self.policy_weight_decay = float(policy_weight_decay)
@@ -200,6 +224,7 @@ class BlockDrop:
         self.learned: int | None = None  # blocks the policy decides in the current / last trained epoch
         self.epoch = 0
         self.policy_steps = 0
+        self.threshold_folded = False  # frozen_threshold is in the policy's output bias
         self._state: GateState | None = None
         self._pending: dict[str, Any] | None = None
         self._module: nn.Module | None = None
@@ -227,13 +252,17 @@ class BlockDrop:
         return self.num_blocks if self.curriculum_epochs_arg is None else self.curriculum_epochs_arg
 
     def stage(self, epoch: int) -> str:
-        """``curriculum`` (frozen backbone, growing set of learned blocks), ``joint`` or ``policy``."""
+        """``curriculum`` (frozen backbone, growing set of learned blocks), ``joint``, ``policy`` (the policy
+        learns alone) or ``backbone`` (frozen policy, the backbone trains under its decisions)."""
         if epoch < self.curriculum_epochs:
             return "curriculum"
+        if self.freeze_policy_at is not None and epoch >= self.freeze_policy_at:
+            return "backbone"
         return "joint" if self.finetune else "policy"
 
     def _frozen(self, epoch: int) -> bool:
-        return self.stage(epoch) != "joint"
+        """Whether the backbone is frozen (the policy learns alone) in ``epoch``."""
+        return self.stage(epoch) in ("curriculum", "policy")
 
     @property
     def state_key(self) -> str:
@@ -307,12 +336,23 @@ class BlockDrop:
                 f"has max_epochs={max_epochs}, so the joint fine-tuning stage would never run; raise "
                 "max_epochs, shorten curriculum_epochs, or set finetune: false"
             )
+        if self.freeze_policy_at is not None and self.freeze_policy_at < self.curriculum_epochs:
+            raise ValueError(
+                f"BlockDrop(freeze_policy_at={self.freeze_policy_at}): the curriculum takes "
+                f"{self.curriculum_epochs} epochs, and a policy frozen before it ends would keep blocks on "
+                "that it never learned to decide; set freeze_policy_at >= curriculum_epochs"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.epoch = trainer.current_epoch
         self._batch_idx = batch_idx
         self.learned = learned_blocks(self.epoch, self.num_blocks, self.curriculum_epochs)
-        self.policy.train()
+        stage = self.stage(self.epoch)
+        if stage == "backbone":
+            self._fold_threshold()
+            self.policy.eval()  # its batch norm uses running statistics, as at inference
+        else:
+            self.policy.train()
         frozen = self._frozen(self.epoch)
         if frozen:
             net = self._network(pl_module)
@@ -325,11 +365,17 @@ class BlockDrop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.verbose and trainer.is_global_zero and batch_idx == 0:
-            print(
-                f"[lit_compress] BlockDrop epoch {self.epoch}: {self.stage(self.epoch)} stage, policy learns "
-                f"the last {self.learned} of {self.num_blocks} blocks"
-                + (", backbone frozen" if frozen else ", backbone trains jointly")
-            )
+            if stage == "backbone":
+                print(
+                    f"[lit_compress] BlockDrop epoch {self.epoch}: backbone stage, policy frozen (keep "
+                    f"threshold {self.frozen_threshold:g}), backbone trains under its decisions"
+                )
+            else:
+                print(
+                    f"[lit_compress] BlockDrop epoch {self.epoch}: {stage} stage, policy learns "
+                    f"the last {self.learned} of {self.num_blocks} blocks"
+                    + (", backbone frozen" if frozen else ", backbone trains jointly")
+                )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = list(self.policy.parameters())
@@ -397,6 +443,7 @@ class BlockDrop:
             "epoch": self.epoch,
             "learned": self.learned,
             "policy_steps": self.policy_steps,
+            "threshold_folded": self.threshold_folded,
             "seed": self.seed,
             "statistics": copy.deepcopy(self.statistics),
         }
@@ -455,6 +502,11 @@ class BlockDrop:
         stages = f"{self.curriculum_epochs} curriculum epoch(s)" + (
             " then joint fine-tuning" if self.finetune else ""
         )
+        if self.freeze_policy_at is not None:
+            stages += (
+                f", backbone-only fine-tuning under the frozen policy from epoch {self.freeze_policy_at}"
+                f" (keep threshold {self.frozen_threshold:g})"
+            )
         summary: dict[str, Any] = {
             "methods": ["blockdrop"],
             "description": f"BlockDrop over {self.num_blocks} residual blocks ({self.policy_arch} policy, "
@@ -636,8 +688,17 @@ class BlockDrop:
         self.epoch = int(state["epoch"])
         self.learned = int(state["learned"])
         self.policy_steps = int(state["policy_steps"])
+        self.threshold_folded = bool(state.get("threshold_folded", False))  # absent before the stage existed
         self.seed = int(state["seed"])  # the sampling stream continues the checkpointed run's
         self.statistics = copy.deepcopy(state.get("statistics", {}))
+
+    def _fold_threshold(self) -> None:
+        """Put ``frozen_threshold`` into the policy (once): ``sigmoid(z) >= t`` iff ``z - logit(t) >= 0``."""
+        if self.threshold_folded:
+            return
+        if self.frozen_threshold != 0.5:
+            self.policy.shift_logits(-math.log(self.frozen_threshold / (1.0 - self.frozen_threshold)))
+        self.threshold_folded = True
 
     def _ensure_device(self, device: torch.device) -> None:
         if next(self.policy.parameters()).device == torch.device(device):
@@ -680,7 +741,9 @@ class BlockDrop:
             self._batch = args[0] if args else kwargs.get("batch")
             if self._frozen(trainer.current_epoch):
                 return self._policy_step(pl_module, self._batch)
-            self._capture, self._capturing, self._in_step = None, False, True
+            # Backbone stage: _in_step stays False, so the network takes the policy's greedy decisions.
+            joint = self.stage(trainer.current_epoch) == "joint"
+            self._capture, self._capturing, self._in_step = None, False, joint
             try:
                 output = original(*args, **kwargs)
                 if inner_applies_terms:  # another lit_compress wrapper calls compression_loss already

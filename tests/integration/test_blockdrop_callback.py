@@ -238,6 +238,76 @@ def test_joint_stage_loss_is_task_loss_plus_policy_term(tmp_path):
     torch.testing.assert_close(capture.loss, capture.task + policy_term)
 
 
+def test_backbone_stage_freezes_the_policy_and_trains_the_backbone_under_its_decisions(tmp_path):
+    class Decisions(L.Callback):
+        """The decisions the network ran with in every training forward, and what the policy's greedy
+        decision at threshold 0.7 (the policy as it was when the stage began) would have been."""
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            cb = next(c for c in trainer.callbacks if isinstance(c, BlockDrop))
+            self.before = copy.deepcopy(cb.policy).eval()  # the fold happens at the stage's first batch
+            self.seen = []
+
+            def hook(module, args):
+                if not module.training:  # validation forwards run inside the epoch too
+                    return
+                with torch.no_grad():
+                    p = torch.sigmoid(self.before(args[0]))
+                self.seen.append((cb._state.current().clone(), p))
+
+            self.handle = pl_module.net.register_forward_pre_hook(hook)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.handle.remove()
+
+    model, snaps, seen = classifier(), Snapshots(), Decisions()
+    cb = blockdrop(curriculum_epochs=1, freeze_policy_at=2, frozen_threshold=0.7)
+    trainer = make_trainer(tmp_path, [cb, snaps, seen], max_epochs=3)
+    trainer.fit(model, data())
+    assert [cb.stage(e) for e in range(3)] == ["curriculum", "joint", "backbone"]
+    assert cb.policy_steps == 2 * STEPS_PER_EPOCH  # no policy step in the backbone stage
+    assert not same(snaps.net[2], snaps.net[1])  # the backbone trained
+    bias = [k for k in snaps.policy[2] if k.endswith("bias")][-1]  # the last Linear's bias moved, only it
+    logit = torch.log(torch.tensor(0.7 / 0.3))
+    torch.testing.assert_close(snaps.policy[2][bias], snaps.policy[1][bias] - logit)
+    assert all(torch.equal(v, snaps.policy[1][k]) for k, v in snaps.policy[2].items() if k != bias)
+    assert len(seen.seen) == STEPS_PER_EPOCH
+    for decisions, p in seen.seen:  # deterministic decisions at the new threshold, never a sample
+        assert torch.equal(decisions, p >= 0.7)
+    assert cb.threshold_folded and "keep threshold 0.7" in cb.compression_summary()["description"]
+
+
+@pytest.mark.parametrize("stop_after_epoch", [1, 2])  # before the fold / after it
+def test_backbone_stage_resumes_exactly_and_folds_the_threshold_once(tmp_path, stop_after_epoch):
+    class StopAt(L.Callback):
+        def on_train_epoch_end(self, trainer, *args):
+            if trainer.current_epoch == stop_after_epoch:
+                trainer.should_stop = True
+
+    def run(root, extra=(), ckpt_path=None):
+        model, cb = classifier(), blockdrop(curriculum_epochs=1, freeze_policy_at=2, frozen_threshold=0.6)
+        checkpoint = L.callbacks.ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
+        fit = make_trainer(root, [cb, checkpoint, *extra], max_epochs=4, enable_checkpointing=True)
+        fit.fit(model, data(), ckpt_path=ckpt_path)
+        return model, cb
+
+    full_model, full_cb = run(tmp_path / "full")
+    run(tmp_path / "part", extra=[StopAt()])
+    (ckpt,) = (tmp_path / "part").glob(f"epoch={stop_after_epoch}-*.ckpt")
+    resumed_model, resumed_cb = run(tmp_path / "resumed", ckpt_path=str(ckpt))
+    assert resumed_cb.threshold_folded
+    for name, value in full_cb.policy.state_dict().items():
+        torch.testing.assert_close(resumed_cb.policy.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert resumed_cb.statistics["val"] == full_cb.statistics["val"]
+
+
+def test_a_backbone_stage_before_the_curriculum_ends_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="freeze_policy_at >= curriculum_epochs"):
+        make_trainer(tmp_path, [blockdrop(curriculum_epochs=2, freeze_policy_at=1)]).fit(classifier(), data())
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
@@ -251,6 +321,10 @@ def test_joint_stage_loss_is_task_loss_plus_policy_term(tmp_path):
         (dict(finetune="yes"), TypeError, "finetune must be true or false"),
         (dict(target_key=1.5), TypeError, "target_key must be a batch index"),
         (dict(include="layer1.*"), ValueError, "include must be a list of strings"),
+        (dict(freeze_policy_at=-1), ValueError, "freeze_policy_at must be an integer >= 0"),
+        (dict(freeze_policy_at=3, frozen_threshold=0.0), ValueError, r"frozen_threshold must be .*\(0, 1\]"),
+        (dict(freeze_policy_at=3, frozen_threshold=1.0), ValueError, "frozen_threshold must be below 1"),
+        (dict(frozen_threshold=0.6), ValueError, "freeze_policy_at is not set"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):

@@ -369,6 +369,16 @@ def test_policy_net_outputs_one_logit_per_block(arch):
     assert PolicyNet(**policy.config()).config() == policy.config()
 
 
+@pytest.mark.parametrize("arch", ["resnet8", "cnn"])
+def test_policy_shift_logits_moves_every_logit_and_nothing_else(arch):
+    policy = PolicyNet(6, in_chans=1, arch=arch, width=4).eval()
+    x = x_batch(3, size=16)
+    before, keys = policy(x), list(policy.state_dict())
+    policy.shift_logits(-0.75)
+    torch.testing.assert_close(policy(x), before - 0.75)
+    assert list(policy.state_dict()) == keys
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
