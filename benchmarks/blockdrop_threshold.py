@@ -9,7 +9,12 @@ std over the 10,000 Fashion-MNIST test images) and the mean MACs per image again
 stricter threshold reach fewer blocks at the same accuracy?". Nothing is selected on the test set here;
 the zoo cards keep the greedy 0.5.
 
+``--split val`` measures on the 5,000 validation images the recipes hold out of the training set (the
+``FashionMNISTDataModule`` defaults): that is the split to choose a ``BlockDrop(frozen_threshold=...)`` on,
+never the test set.
+
     .venv/bin/python benchmarks/blockdrop_threshold.py
+    .venv/bin/python benchmarks/blockdrop_threshold.py --split val --thresholds 0.5 0.52 0.55
 
 Quick smoke test: ``--entries resnet32-fashion-mnist.blockdrop --thresholds 0.5 --limit 500``.
 """
@@ -25,15 +30,28 @@ ENTRIES = ["resnet32-fashion-mnist.blockdrop", "resnet32-fashion-mnist.blockdrop
 THRESHOLDS = [0.4, 0.5, 0.55, 0.6, 0.65, 0.7]
 
 
-def sweep(name: str, thresholds: list[float], limit: int | None, batch_size: int = 1000) -> list[list]:
+def split_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images and labels of the Fashion-MNIST ``test`` set or the recipes' ``val`` split."""
+    from lit_compress.data import FashionMNISTDataModule, load_split, normalize
+
+    if split == "test":
+        images, labels = load_split("fashion-mnist", "test")
+        return normalize(images, "fashion-mnist"), labels
+    dm = FashionMNISTDataModule(download=False)  # val_size and split_seed as in every recipe
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def sweep(
+    name: str, thresholds: list[float], limit: int | None, split: str = "test", batch_size: int = 1000
+) -> list[list]:
     from lit_compress import zoo
-    from lit_compress.data import load_split, normalize
 
     model = zoo.load(name).eval()
-    images, labels = load_split("fashion-mnist", "test")
+    x, labels = split_tensors(split)
     if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    x = normalize(images, "fashion-mnist")
+        x, labels = x[:limit], labels[:limit]
     rows = []
     with torch.inference_mode():
         costs = model.costs(x[:1])
@@ -69,23 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--entries", nargs="+", default=ENTRIES, help="BlockDrop zoo entries")
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
-    parser.add_argument("--limit", type=int, default=None, help="first N test images only (smoke test)")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only (smoke test)")
+    parser.add_argument(
+        "--split", choices=["test", "val"], default="test", help="test set or validation split"
+    )
     args = C.add_common_args(parser, threads=2).parse_args(argv)
     bad = [t for t in args.thresholds if not 0.0 < t < 1.0]
     if bad:
         parser.error(f"thresholds are probabilities in (0, 1), got {bad}")
     C.setup_env(args)
-    rows = [row for name in args.entries for row in sweep(name, args.thresholds, args.limit)]
+    rows = [row for name in args.entries for row in sweep(name, args.thresholds, args.limit, args.split)]
     title = "\n".join(
         [
-            "### BlockDrop: test accuracy vs blocks used as the policy's keep threshold moves",
+            f"### BlockDrop: {args.split} accuracy vs blocks used as the policy's keep threshold moves",
             "",
-            "Decisions p_k >= threshold forced for every test image (the cards use 0.5); MACs per image are "
-            "the mean of batch-1 execution, policy included, vs the static backbone.",
+            f"Decisions p_k >= threshold forced for every {args.split} image (the cards use 0.5); MACs per "
+            "image are the mean of batch-1 execution, policy included, vs the static backbone.",
             f"- machine: {C.machine_note(args)}",
         ]
     )
-    headers = ["entry", "threshold", "test accuracy", "blocks used", "MACs per image"]
+    headers = ["entry", "threshold", f"{args.split} accuracy", "blocks used", "MACs per image"]
     print(C.markdown_table(headers, rows, title=title))
     return 0
 
