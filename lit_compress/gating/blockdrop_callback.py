@@ -122,6 +122,10 @@ class BlockDrop:
         finetune: after the curriculum, train backbone (the module's optimizer) and policy jointly.
         freeze_policy_at: first epoch of the backbone stage (policy frozen, backbone trained under the
             policy's deterministic decisions); ``None``: no such stage. Must not precede the curriculum's end.
+        init_policy_from: start the policy from a trained BlockDrop zoo entry's policy (``"zoo:<entry>"``,
+            hash-checked; same gated blocks and policy configuration), e.g. to add a backbone stage to a
+            finished run with a fresh learning-rate schedule (the backbone comes from the module's own
+            ``init_from``); a resumed checkpoint's policy takes precedence.
         frozen_threshold: keep threshold from the backbone stage on, in (0, 1): a block is kept when its
             probability is at least this (the paper's 0.5 keeps more blocks than a higher value). Folded
             into the policy's output bias at the stage's start, once (resume-safe).
@@ -151,6 +155,7 @@ class BlockDrop:
         finetune: bool = True,
         freeze_policy_at: int | None = None,
         frozen_threshold: float = 0.5,
+        init_policy_from: str | None = None,
         gamma: float = 5.0,
         alpha: float = 0.8,
         entropy_weight: float = 0.1,
@@ -179,6 +184,13 @@ class BlockDrop:
             raise ValueError(
                 f"frozen_threshold={frozen_threshold:g} applies from the backbone stage on, but "
                 "freeze_policy_at is not set; set freeze_policy_at to the epoch that stage starts"
+            )
+        if init_policy_from is not None and not (
+            isinstance(init_policy_from, str) and init_policy_from.startswith("zoo:")
+        ):
+            raise ValueError(
+                f"init_policy_from must name a BlockDrop zoo entry as 'zoo:<entry name>', got "
+                f"{init_policy_from!r}; e.g. init_policy_from: zoo:resnet32-fashion-mnist.blockdrop"
             )
         _check_number("gamma", gamma, low=0.0)
         _check_number("alpha", alpha, low=0.5, high=1.0, low_inclusive=False)
@@ -209,6 +221,7 @@ class BlockDrop:
         self.finetune = finetune
         self.freeze_policy_at = freeze_policy_at
         self.frozen_threshold = float(frozen_threshold)
+        self.init_policy_from = init_policy_from
         self.gamma, self.alpha, self.entropy_weight = float(gamma), float(alpha), float(entropy_weight)
         self.policy_lr, self.joint_policy_lr = float(policy_lr), float(joint_policy_lr)
         self.policy_weight_decay = float(policy_weight_decay)
@@ -288,6 +301,8 @@ class BlockDrop:
         self.blocks = blocks
         if self.policy is None:
             self._build_policy(net)
+            if self.init_policy_from is not None:
+                self._load_policy(self.init_policy_from)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._apply_state(pending)
@@ -502,6 +517,8 @@ class BlockDrop:
         stages = f"{self.curriculum_epochs} curriculum epoch(s)" + (
             " then joint fine-tuning" if self.finetune else ""
         )
+        if self.init_policy_from is not None:
+            stages = f"policy from {self.init_policy_from}, " + stages
         if self.freeze_policy_at is not None:
             stages += (
                 f", backbone-only fine-tuning under the frozen policy from epoch {self.freeze_policy_at}"
@@ -691,6 +708,32 @@ class BlockDrop:
         self.threshold_folded = bool(state.get("threshold_folded", False))  # absent before the stage existed
         self.seed = int(state["seed"])  # the sampling stream continues the checkpointed run's
         self.statistics = copy.deepcopy(state.get("statistics", {}))
+
+    def _load_policy(self, source: str) -> None:
+        from lit_compress import zoo
+
+        name = source[len("zoo:") :]
+        model = zoo.load(name)
+        if not isinstance(model, BlockDropNetwork):
+            raise ValueError(
+                f"BlockDrop(init_policy_from={source!r}): that entry is a {type(model).__name__}, not a "
+                "BlockDrop network; name an entry made by BlockDrop (its card's structure kind is "
+                "'blockdrop')"
+            )
+        if model.blocks != self.blocks or model.policy.config() != self.policy.config():
+            raise ValueError(
+                f"BlockDrop(init_policy_from={source!r}): the entry gates {model.blocks} with policy "
+                f"{model.policy.config()}, this callback gates {self.blocks} with policy "
+                f"{self.policy.config()}; use the entry's include/types and policy, policy_width, "
+                "policy_downsample"
+            )
+        if model.always_on:
+            raise ValueError(
+                f"BlockDrop(init_policy_from={source!r}): the entry's curriculum was unfinished (blocks "
+                f"{model.always_on} always on), so its policy never learned to decide them"
+            )
+        device = next(self.policy.parameters()).device
+        self.policy.load_state_dict({k: v.to(device) for k, v in model.policy.state_dict().items()})
 
     def _fold_threshold(self) -> None:
         """Put ``frozen_threshold`` into the policy (once): ``sigmoid(z) >= t`` iff ``z - logit(t) >= 0``."""

@@ -17,8 +17,9 @@ class ImageClassifier(L.LightningModule):
     """Network ``self.net = create_model(model, **model_kwargs)``; logs loss, top-1 and the test error count.
 
     ``init_from`` starts from trained weights: ``"zoo:<entry name>"`` (sha256-checked zoo entry of the same
-    architecture) or a local ``.safetensors`` / tensor-only file. This is how compression recipes start from
-    a dense reference (Han et al.: train, prune, retrain).
+    architecture; a BlockDrop entry gives its backbone's weights, its policy goes to
+    ``BlockDrop(init_policy_from=...)``) or a local ``.safetensors`` / tensor-only file. This is how
+    compression recipes start from a dense reference (Han et al.: train, prune, retrain).
 
     The optimizer and LR scheduler are dependency-injected, so a YAML recipe picks them::
 
@@ -106,8 +107,12 @@ class ImageClassifier(L.LightningModule):
 def _initial_state(source: str) -> dict[str, torch.Tensor]:
     if source.startswith("zoo:"):
         from lit_compress import zoo
+        from lit_compress.gating.blockdrop import BlockDropNetwork
 
-        return zoo.load(source[len("zoo:") :]).state_dict()
+        model = zoo.load(source[len("zoo:") :])
+        if isinstance(model, BlockDropNetwork):  # gated blocks keep the architecture's state_dict keys
+            model = model.backbone
+        return model.state_dict()
     from lit_compress.models.weights import load_state_dict_file
 
     return load_state_dict_file(source)

@@ -303,6 +303,47 @@ def test_backbone_stage_resumes_exactly_and_folds_the_threshold_once(tmp_path, s
     assert resumed_cb.statistics["val"] == full_cb.statistics["val"]
 
 
+def test_init_policy_from_a_blockdrop_entry_starts_a_new_fit_from_its_policy_and_backbone(
+    tmp_path, monkeypatch
+):
+    import lit_compress.zoo as zoo_api
+
+    model, cb = classifier(), blockdrop(curriculum_epochs=1)
+    make_trainer(tmp_path / "first", [cb], max_epochs=2).fit(model, data())
+    entry = cb.export(model)
+    monkeypatch.setattr(zoo_api, "load", lambda name, *a, **k: {"tiny.blockdrop": entry}[name])
+    fresh = ImageClassifier(
+        model="resnet", model_kwargs=NET, init_from="zoo:tiny.blockdrop", optimizer=torch.optim.SGD
+    )
+    assert same(fresh.net.state_dict(), model.net.state_dict())  # the backbone's weights, same keys
+    cb2 = blockdrop(curriculum_epochs=0, freeze_policy_at=0, init_policy_from="zoo:tiny.blockdrop")
+    make_trainer(tmp_path / "second", [cb2], max_epochs=1).fit(fresh, data())
+    assert same(cb2.policy.state_dict(), entry.policy.state_dict())  # taken over, then frozen
+    assert cb2.policy_steps == 0 and not same(fresh.net.state_dict(), model.net.state_dict())
+    assert "init_policy_from" not in cb2.state_key  # a resume with the same run's arguments still matches
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(policy_width=8), r"the entry gates .* with policy .*'width': 4.*this callback gates"),
+        (dict(include=["layer1.*", "layer2.*"]), r"the entry gates \['layer1.0', 'layer2.0', 'layer3.0'\]"),
+        ("not gated", "that entry is a CifarResNet, not a BlockDrop network"),
+    ],
+)
+def test_init_policy_from_an_entry_that_does_not_fit_is_refused(tmp_path, monkeypatch, change, message):
+    import lit_compress.zoo as zoo_api
+
+    model, cb = classifier(), blockdrop(curriculum_epochs=0)
+    make_trainer(tmp_path, [cb], max_epochs=1, limit_val_batches=0).fit(model, data())
+    entry = model.net if change == "not gated" else cb.export(model)
+    monkeypatch.setattr(zoo_api, "load", lambda name, *a, **k: entry)
+    kwargs = {} if change == "not gated" else change
+    cb2 = blockdrop(curriculum_epochs=0, init_policy_from="zoo:x", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, [cb2], max_epochs=1).fit(classifier(), data())
+
+
 def test_a_backbone_stage_before_the_curriculum_ends_is_refused(tmp_path):
     with pytest.raises(ValueError, match="freeze_policy_at >= curriculum_epochs"):
         make_trainer(tmp_path, [blockdrop(curriculum_epochs=2, freeze_policy_at=1)]).fit(classifier(), data())
@@ -325,6 +366,7 @@ def test_a_backbone_stage_before_the_curriculum_ends_is_refused(tmp_path):
         (dict(freeze_policy_at=3, frozen_threshold=0.0), ValueError, r"frozen_threshold must be .*\(0, 1\]"),
         (dict(freeze_policy_at=3, frozen_threshold=1.0), ValueError, "frozen_threshold must be below 1"),
         (dict(frozen_threshold=0.6), ValueError, "freeze_policy_at is not set"),
+        (dict(init_policy_from="runs/last.ckpt"), ValueError, "init_policy_from must name a BlockDrop zoo"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
