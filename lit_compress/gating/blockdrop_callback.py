@@ -806,6 +806,11 @@ class BlockDrop:
                 f"{self.model_attr} and wraps training_step: policy-only steps during the "
                 f"{self.curriculum_epochs}-epoch curriculum, then "
                 + ("the task loss + the policy-gradient term" if self.finetune else "policy-only steps")
+                + (
+                    f", from epoch {self.freeze_policy_at} the task loss alone under the frozen policy"
+                    if self.freeze_policy_at is not None
+                    else ""
+                )
                 + "; undone at teardown"
             )
             self._notified = True

@@ -252,6 +252,25 @@ def test_batch_of_one_never_runs_a_dropped_block():
     }
 
 
+def test_batch_of_one_follows_each_new_decisions_tensor_and_matches_the_batched_path():
+    net = tiny_resnet("B").eval()
+    state = gated(net)
+    x = x_batch(2)
+    rows = [
+        torch.tensor([[True, False, False, True, False, True]]),
+        torch.tensor([[False, True, True, False, True, False]]),  # the next forward: a new tensor
+        torch.ones(1, 6, dtype=torch.bool),
+    ]
+    with torch.no_grad():
+        for row in rows:
+            state.forced = row
+            single = net(x[:1])  # the batch-1 path (Python bools, cached per decisions tensor)
+            state.forced = torch.cat([row, ~row])
+            batched = net(x)  # the grouped path (tensor ops)
+            torch.testing.assert_close(single, batched[:1], rtol=1e-5, atol=1e-6)
+    state.forced = None
+
+
 def test_grouped_batch_runs_blocks_on_the_kept_subset_and_matches_per_sample():
     net = tiny_resnet("B")
     state = gated(net)
