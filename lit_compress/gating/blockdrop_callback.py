@@ -631,8 +631,16 @@ class BlockDrop:
             self._capturing = True
             state.decisions = sample
             return
-        with torch.no_grad():
-            state.decisions = greedy_decisions(self._probs(x), always_on)
+        # Any other forward (validation, another callback's measurement, a second call in training_step)
+        # takes deterministic decisions from the policy in eval mode: its batch norm must learn statistics
+        # only from the forwards that train it.
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                state.decisions = greedy_decisions(self._probs(x), always_on)
+        finally:
+            self.policy.train(training)
 
     def _after_network(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._state

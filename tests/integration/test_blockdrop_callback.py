@@ -317,8 +317,19 @@ def test_init_policy_from_a_blockdrop_entry_starts_a_new_fit_from_its_policy_and
     )
     assert same(fresh.net.state_dict(), model.net.state_dict())  # the backbone's weights, same keys
     cb2 = blockdrop(curriculum_epochs=0, freeze_policy_at=0, init_policy_from="zoo:tiny.blockdrop")
-    make_trainer(tmp_path / "second", [cb2], max_epochs=1).fit(fresh, data())
-    assert same(cb2.policy.state_dict(), entry.policy.state_dict())  # taken over, then frozen
+
+    class Probe(L.Callback):  # forwards outside the training step, as CompressionSummary's MAC count
+        def on_fit_start(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.net(torch.randn(4, *SHAPE))
+
+        on_train_batch_end = on_train_epoch_start = lambda self, trainer, pl_module, *a: self.on_fit_start(
+            trainer, pl_module
+        )
+
+    make_trainer(tmp_path / "second", [cb2, Probe()], max_epochs=1).fit(fresh, data())
+    # Taken over, then frozen: not even the policy's batch-norm statistics move under the probe's forwards.
+    assert same(cb2.policy.state_dict(), entry.policy.state_dict())
     assert cb2.policy_steps == 0 and not same(fresh.net.state_dict(), model.net.state_dict())
     assert "init_policy_from" not in cb2.state_key  # a resume with the same run's arguments still matches
 
